@@ -1,0 +1,1 @@
+//! Helpers for the integration tests: start workloads, run stalltrace, read its JSON.

@@ -1,0 +1,177 @@
+//! The contract between the kernel programs (`tracer-ebpf`) and userspace (`tracer-user`).
+//!
+//! Everything that crosses the boundary lives here: the ring-buffer records, the per-thread
+//! state userspace polls, the names of globals and maps, and the bit layout of the probe groups.
+//! Layouts are `#[repr(C)]` with explicit padding so both compilers agree byte for byte.
+#![no_std]
+
+pub const TASK_COMM_LEN: usize = 16;
+
+/// log2 buckets for iteration times: bucket `i` holds durations in `[2^i, 2^(i+1))` ns.
+/// 2^40 ns is about 18 minutes, longer than any iteration worth reporting.
+pub const HIST_SLOTS: usize = 40;
+
+/// Slots of the per-iteration "which syscalls cost the most" table.
+pub const TOP_SYSCALLS: usize = 4;
+
+/// Probe groups, switched on and off from userspace through the `GROUPS` global.
+pub mod group {
+    /// epoll enter/exit: iteration boundaries. Everything else needs it.
+    pub const LOOP: u32 = 1 << 0;
+    /// madvise and munmap: the kernel half of an allocator purge.
+    pub const PURGE: u32 = 1 << 1;
+    /// sched_switch: off-CPU time, runnable vs blocked.
+    pub const SCHED: u32 = 1 << 2;
+    /// raw_syscalls: time in every other syscall.
+    pub const SYSCALLS: u32 = 1 << 3;
+    /// uprobes on the allocator's entry points.
+    pub const ALLOC: u32 = 1 << 4;
+}
+
+/// Names of the globals userspace overrides at load time.
+pub mod globals {
+    /// u64 offset of `prev_state` in the sched_switch tracepoint record (from tracefs format).
+    pub const SCHED_PREV_STATE_OFF: &str = "SCHED_PREV_STATE_OFF";
+    /// u64 offset of `next_pid` in the sched_switch tracepoint record.
+    pub const SCHED_NEXT_PID_OFF: &str = "SCHED_NEXT_PID_OFF";
+    /// u64 syscall numbers of this architecture that raw_syscalls must leave to their own groups.
+    pub const SKIP_SYSCALLS: &str = "SKIP_SYSCALLS";
+}
+
+/// Map names.
+pub mod maps {
+    pub const TARGETS: &str = "TARGETS";
+    pub const THREADS: &str = "THREADS";
+    pub const ITER_HIST: &str = "ITER_HIST";
+    pub const STALLS: &str = "STALLS";
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Number of syscall numbers in `SKIP_SYSCALLS`.
+pub const SKIP_SYSCALLS_LEN: usize = 8;
+
+/// Indices of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// A stall record that did not fit in the ring buffer.
+    pub const LOST_STALLS: u32 = 0;
+    /// A thread that could not be tracked because `THREADS` was full.
+    pub const THREADS_FULL: u32 = 1;
+    /// Iterations seen (all of them, not only stalls).
+    pub const ITERATIONS: u32 = 2;
+    pub const LEN: u32 = 3;
+}
+
+/// Fixed offsets of syscall tracepoint records (`syscalls:sys_{enter,exit}_*` and
+/// `raw_syscalls:*`): part of the tracepoint ABI, stable across kernels.
+pub mod tp {
+    pub const SYS_ENTER_ARG0: usize = 16;
+    pub const SYS_ENTER_ARG1: usize = 24;
+    pub const SYS_ENTER_ARG2: usize = 32;
+    pub const RAW_SYS_ID: usize = 8;
+    pub const SYS_EXIT_RET: usize = 16;
+    pub const PROCESS_EXIT_PID: usize = 24;
+}
+
+/// Per-target settings, keyed by tgid in `TARGETS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TargetConfig {
+    /// Iterations at least this long are sent to userspace as stall records.
+    pub threshold_ns: u64,
+}
+
+/// Where one iteration's time went. Components are disjoint, so their sum never exceeds the
+/// iteration's duration; what is left is on-CPU time in the application's own code.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Components {
+    pub madvise_calls: u64,
+    /// Wall time inside madvise, off-CPU time within it included: a purge that waits on
+    /// mmap_lock is still the purge's fault.
+    pub madvise_ns: u64,
+    pub madvise_bytes: u64,
+    pub munmap_calls: u64,
+    pub munmap_ns: u64,
+    pub munmap_bytes: u64,
+    pub alloc_calls: u64,
+    /// Wall time in allocator calls minus the madvise, munmap and other syscall time nested in them.
+    pub alloc_ns: u64,
+    /// Off-CPU while runnable (preempted), outside purge syscalls and allocator calls.
+    pub runnable_ns: u64,
+    /// Off-CPU while blocked (sleeping, waiting for I/O or a lock), same exclusions.
+    pub blocked_ns: u64,
+    pub syscall_calls: u64,
+    /// On-CPU time in syscalls other than epoll, madvise and munmap.
+    pub syscall_ns: u64,
+    /// Syscall number + 1 (0: empty slot) of the costliest other syscalls.
+    pub top_nr: [u32; TOP_SYSCALLS],
+    pub top_ns: [u64; TOP_SYSCALLS],
+}
+
+/// A ring-buffer record: one iteration that took at least the target's threshold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StallEvent {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) at the return of epoll that began the iteration.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub parts: Components,
+}
+
+/// `ThreadState::flags` bits.
+pub mod thread_flag {
+    /// The thread is inside an epoll wait: between iterations.
+    pub const IN_EPOLL: u32 = 1 << 0;
+    /// The thread was switched out while runnable (preempted or yielded).
+    pub const OFF_RUNNABLE: u32 = 1 << 1;
+}
+
+/// Per-thread accounting, keyed by tid in `THREADS`. Only threads of a target that have
+/// returned from an epoll wait at least once get an entry: threads that never wait there are
+/// not event loops and cost one failed lookup per event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadState {
+    pub tgid: u32,
+    pub flags: u32,
+    /// Start of the current iteration; 0 while waiting in epoll or before the first return.
+    pub iter_start_ns: u64,
+    /// Current "other" syscall: number, start, and off-CPU time spent inside it so far.
+    pub sys_nr: u64,
+    pub sys_start_ns: u64,
+    pub sys_off_ns: u64,
+    /// Current madvise/munmap call: start time and length; `purge_is_munmap` says which.
+    pub purge_start_ns: u64,
+    pub purge_len: u64,
+    pub purge_is_munmap: u64,
+    /// Outermost allocator call: start, nesting depth and the nested syscall time at entry.
+    pub alloc_start_ns: u64,
+    pub alloc_depth: u64,
+    pub alloc_nested_at_entry_ns: u64,
+    /// When the thread was switched out (0: on CPU or not tracked).
+    pub off_start_ns: u64,
+    pub parts: Components,
+}
+
+/// Per-thread log2 histogram of iteration times, keyed by tid in `ITER_HIST`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IterHist {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    pub slots: [u64; HIST_SLOTS],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data: #[repr(C)], integers only, no implicit padding.
+    unsafe impl aya::Pod for super::TargetConfig {}
+    unsafe impl aya::Pod for super::Components {}
+    unsafe impl aya::Pod for super::StallEvent {}
+    unsafe impl aya::Pod for super::ThreadState {}
+    unsafe impl aya::Pod for super::IterHist {}
+}

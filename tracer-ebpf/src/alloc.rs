@@ -1,0 +1,46 @@
+//! Alloc group: uprobes on the allocator's entry points (realloc and friends) in whichever
+//! object really defines them for the target. Userspace finds that object; these programs only
+//! time the outermost call and subtract the syscall time nested in it.
+use aya_ebpf::{
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use tracer_common::ThreadState;
+
+use crate::state::{current_thread, now};
+
+#[uprobe]
+pub fn alloc_enter(_ctx: ProbeContext) -> u32 {
+    let Some(s) = current_thread() else { return 0 };
+    s.alloc_depth += 1;
+    if s.alloc_depth == 1 && s.iter_start_ns != 0 {
+        s.alloc_nested_at_entry_ns = nested_ns(s);
+        s.alloc_start_ns = now();
+    }
+    0
+}
+
+#[uretprobe]
+pub fn alloc_exit(_ctx: RetProbeContext) -> u32 {
+    let Some(s) = current_thread() else { return 0 };
+    if s.alloc_depth == 0 {
+        return 0;
+    }
+    s.alloc_depth -= 1;
+    if s.alloc_depth != 0 || s.alloc_start_ns == 0 {
+        return 0;
+    }
+    let wall = now().saturating_sub(s.alloc_start_ns);
+    let nested = nested_ns(s).saturating_sub(s.alloc_nested_at_entry_ns);
+    s.alloc_start_ns = 0;
+    s.parts.alloc_calls += 1;
+    s.parts.alloc_ns += wall.saturating_sub(nested);
+    0
+}
+
+/// Time already accounted to syscalls; what of it accrues during an allocator call is not the
+/// allocator's own.
+#[inline(always)]
+fn nested_ns(s: &ThreadState) -> u64 {
+    s.parts.madvise_ns + s.parts.munmap_ns + s.parts.syscall_ns
+}

@@ -1,0 +1,66 @@
+//! Sched group: off-CPU time inside an iteration, split into runnable (preempted, waiting for a
+//! CPU) and blocked (sleeping on I/O, a lock, a timer).
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use tracer_common::thread_flag::OFF_RUNNABLE;
+
+use crate::state::{current_iteration, now, thread};
+
+/// Field offsets in the sched_switch record (`tracer_common::globals`), read from tracefs by
+/// userspace: they have moved between kernel versions.
+#[unsafe(no_mangle)]
+static SCHED_PREV_STATE_OFF: u64 = 32;
+#[unsafe(no_mangle)]
+static SCHED_NEXT_PID_OFF: u64 = 56;
+
+/// prev_state is 0 (TASK_RUNNING) or TASK_REPORT_MAX (0x100, preempted) when the task could
+/// still run; TASK_REPORT_IDLE (0x80) and the low bits are sleeping states.
+const SLEEPING_STATES: i64 = 0xff;
+
+#[tracepoint]
+pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    let ts = now();
+    switch_out(&ctx, ts);
+    switch_in(&ctx, ts);
+    0
+}
+
+#[inline(always)]
+fn switch_out(ctx: &TracePointContext, ts: u64) {
+    // The tracepoint runs in the context of the task being switched out.
+    let Some(s) = current_iteration() else { return };
+    let off = unsafe { core::ptr::read_volatile(&SCHED_PREV_STATE_OFF) } as usize;
+    let state = unsafe { ctx.read_at::<i64>(off) }.unwrap_or(1);
+    if state & SLEEPING_STATES == 0 {
+        s.flags |= OFF_RUNNABLE;
+    } else {
+        s.flags &= !OFF_RUNNABLE;
+    }
+    s.off_start_ns = ts;
+}
+
+#[inline(always)]
+fn switch_in(ctx: &TracePointContext, ts: u64) {
+    let off = unsafe { core::ptr::read_volatile(&SCHED_NEXT_PID_OFF) } as usize;
+    let Ok(next) = (unsafe { ctx.read_at::<u32>(off) }) else { return };
+    let Some(s) = thread(next) else { return };
+    if s.off_start_ns == 0 {
+        return;
+    }
+    let off_ns = ts.saturating_sub(s.off_start_ns);
+    s.off_start_ns = 0;
+    if s.iter_start_ns == 0 {
+        return;
+    }
+    if s.sys_start_ns != 0 {
+        s.sys_off_ns += off_ns;
+    }
+    // Waiting inside madvise or the allocator is theirs to answer for, not the scheduler's.
+    if s.purge_start_ns != 0 || s.alloc_depth != 0 {
+        return;
+    }
+    if s.flags & OFF_RUNNABLE != 0 {
+        s.parts.runnable_ns += off_ns;
+    } else {
+        s.parts.blocked_ns += off_ns;
+    }
+}

@@ -1,0 +1,64 @@
+//! Maps, globals and the per-thread lookup every program starts with.
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::{IterHist, TargetConfig, ThreadState, counter};
+
+#[map]
+pub static TARGETS: HashMap<u32, TargetConfig> = HashMap::with_max_entries(1024, 0);
+
+#[map]
+pub static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(16384, 0);
+
+#[map]
+pub static ITER_HIST: HashMap<u32, IterHist> = HashMap::with_max_entries(16384, 0);
+
+/// Never written: the template new histograms are copied from.
+#[map]
+pub static ZERO_HIST: Array<IterHist> = Array::with_max_entries(1, 0);
+
+/// Stall records only: a few per second at most, so 4 MiB rides out a slow reader.
+#[map]
+pub static STALLS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+
+#[inline(always)]
+pub fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn current_tid() -> u32 {
+    bpf_get_current_pid_tgid() as u32
+}
+
+/// The calling thread's state, if it is a tracked event-loop thread.
+#[inline(always)]
+pub fn current_thread() -> Option<&'static mut ThreadState> {
+    thread(current_tid())
+}
+
+#[inline(always)]
+pub fn thread(tid: u32) -> Option<&'static mut ThreadState> {
+    // SAFETY: a thread's entry is only written by programs running on behalf of that thread
+    // (or of the scheduler switching it), which never run concurrently for one thread.
+    THREADS.get_ptr_mut(tid).map(|p| unsafe { &mut *p })
+}
+
+/// The calling thread's state while it is inside an iteration.
+#[inline(always)]
+pub fn current_iteration() -> Option<&'static mut ThreadState> {
+    current_thread().filter(|s| s.iter_start_ns != 0)
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, programs do not nest on one CPU for these hooks.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,196 @@
+//! Turns the kernel's per-iteration accounting into a verdict: which cause explains the
+//! largest share of a stall, and how much each cause explains.
+use serde::Serialize;
+use tracer_common::{StallEvent, TOP_SYSCALLS};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// madvise/munmap and allocator time: memory handed back to the kernel on the loop thread.
+    AllocatorPurge,
+    /// Off CPU: blocked (sleep, I/O, lock) or runnable but preempted.
+    OffCpu,
+    /// On CPU inside other syscalls.
+    Syscall,
+    /// On CPU in the application's own code: what no probe covers.
+    AppCode,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::AllocatorPurge => "allocator_purge",
+            Verdict::OffCpu => "off_cpu",
+            Verdict::Syscall => "syscall",
+            Verdict::AppCode => "app_code",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Purge {
+    pub calls: u64,
+    pub ns: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Alloc {
+    pub calls: u64,
+    pub ns: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct OffCpu {
+    pub runnable_ns: u64,
+    pub blocked_ns: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Syscalls {
+    pub calls: u64,
+    pub ns: u64,
+    /// Name of the syscall with the most on-CPU time in this stall.
+    pub top: Option<String>,
+    /// The costliest syscalls by name, most expensive first.
+    pub by_name: Vec<(String, u64)>,
+}
+
+/// Percent of the stall each cause explains; they add up to 100 (app_code is the remainder).
+#[derive(Clone, Debug, Serialize)]
+pub struct Shares {
+    pub allocator_purge: f64,
+    pub off_cpu: f64,
+    pub syscall: f64,
+    pub app_code: f64,
+}
+
+/// One attributed stall: the record the CLI prints and the JSON schema.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stall {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub verdict: Verdict,
+    pub explained_pct: f64,
+    pub madvise: Purge,
+    pub munmap: Purge,
+    pub alloc: Alloc,
+    pub off_cpu: OffCpu,
+    pub syscalls: Syscalls,
+    pub app_code_ns: u64,
+    pub shares: Shares,
+}
+
+pub fn attribute(ev: &StallEvent) -> Stall {
+    let p = &ev.parts;
+    let duration = ev.duration_ns.max(1);
+    let purge = p.madvise_ns + p.munmap_ns + p.alloc_ns;
+    let off_cpu = p.runnable_ns + p.blocked_ns;
+    let covered = purge + off_cpu + p.syscall_ns;
+    let app = duration.saturating_sub(covered);
+    let candidates = [
+        (Verdict::AllocatorPurge, purge),
+        (Verdict::OffCpu, off_cpu),
+        (Verdict::Syscall, p.syscall_ns),
+        (Verdict::AppCode, app),
+    ];
+    // Ties go to the first listed: a measured cause beats the unexplained remainder.
+    let (verdict, explained) = candidates
+        .iter()
+        .copied()
+        .fold((Verdict::AppCode, 0), |best, c| if c.1 > best.1 { c } else { best });
+    let pct = |ns: u64| round1(ns as f64 * 100.0 / duration.max(covered) as f64);
+    let by_name = top_syscalls(&p.top_nr, &p.top_ns);
+    Stall {
+        kind: "stall",
+        pid: ev.pid,
+        tid: ev.tid,
+        comm: comm_str(&ev.comm),
+        start_ns: ev.start_ns,
+        duration_ns: ev.duration_ns,
+        verdict,
+        explained_pct: pct(explained),
+        madvise: Purge { calls: p.madvise_calls, ns: p.madvise_ns, bytes: p.madvise_bytes },
+        munmap: Purge { calls: p.munmap_calls, ns: p.munmap_ns, bytes: p.munmap_bytes },
+        alloc: Alloc { calls: p.alloc_calls, ns: p.alloc_ns },
+        off_cpu: OffCpu { runnable_ns: p.runnable_ns, blocked_ns: p.blocked_ns },
+        syscalls: Syscalls {
+            calls: p.syscall_calls,
+            ns: p.syscall_ns,
+            top: by_name.first().map(|(n, _)| n.clone()),
+            by_name,
+        },
+        app_code_ns: app,
+        shares: Shares {
+            allocator_purge: pct(purge),
+            off_cpu: pct(off_cpu),
+            syscall: pct(p.syscall_ns),
+            app_code: pct(app),
+        },
+    }
+}
+
+fn top_syscalls(nrs: &[u32; TOP_SYSCALLS], ns: &[u64; TOP_SYSCALLS]) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = nrs
+        .iter()
+        .zip(ns)
+        .filter(|(nr, _)| **nr != 0)
+        .map(|(nr, ns)| (syscall_name(u64::from(*nr - 1)), *ns))
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v
+}
+
+pub fn syscall_name(nr: u64) -> String {
+    syscalls::Sysno::new(nr as usize).map_or_else(|| format!("syscall_{nr}"), |s| s.name().to_string())
+}
+
+pub fn comm_str(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracer_common::Components;
+
+    fn event(duration_ns: u64, parts: Components) -> StallEvent {
+        StallEvent { pid: 1, tid: 1, comm: *b"redis-server\0\0\0\0", start_ns: 0, duration_ns, parts }
+    }
+
+    #[test]
+    fn purge_dominates() {
+        let s = attribute(&event(100, Components { madvise_ns: 80, alloc_ns: 5, madvise_calls: 1, ..Default::default() }));
+        assert_eq!(s.verdict, Verdict::AllocatorPurge);
+        assert_eq!(s.explained_pct, 85.0);
+        assert_eq!(s.app_code_ns, 15);
+        assert_eq!(s.comm, "redis-server");
+    }
+
+    #[test]
+    fn unexplained_time_is_app_code() {
+        let s = attribute(&event(1000, Components { blocked_ns: 100, syscall_ns: 50, ..Default::default() }));
+        assert_eq!(s.verdict, Verdict::AppCode);
+        assert_eq!(s.explained_pct, 85.0);
+    }
+
+    #[test]
+    fn sleep_is_off_cpu_and_names_top_syscall() {
+        let mut parts = Components { blocked_ns: 900, syscall_ns: 10, ..Default::default() };
+        parts.top_nr[0] = 35 + 1;
+        parts.top_ns[0] = 10;
+        let s = attribute(&event(1000, parts));
+        assert_eq!(s.verdict, Verdict::OffCpu);
+        assert_eq!(s.syscalls.top.as_deref(), Some(syscall_name(35).as_str()));
+    }
+}

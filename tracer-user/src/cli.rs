@@ -1,0 +1,127 @@
+//! Command-line surface: flags, subcommands and the small parsers they need.
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use tracer_common::group;
+
+#[derive(Parser, Debug)]
+#[command(name = "stalltrace", version, about = "Finds event-loop stalls in a running process and says why they happened.")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a built-in event-loop server that stalls on purpose, and trace it.
+    Demo(DemoArgs),
+    /// The demo's event-loop server on its own (used by the demo and the tests).
+    #[command(hide = true)]
+    DemoServer(DemoServerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    /// Process to trace.
+    #[arg(short, long)]
+    pub pid: Option<u32>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Report iterations at least this long (e.g. 10ms, 1.5s, 500us).
+    #[arg(short, long, default_value = "10ms", value_parser = parse_duration)]
+    pub threshold: Duration,
+    /// Stop after this long (default: until Ctrl-C or the target exits).
+    #[arg(short, long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// JSON lines on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Probe groups: a comma list of loop, purge, sched, syscalls, alloc; or "default", "all".
+    #[arg(long, default_value = "default", value_parser = parse_groups)]
+    pub probes: u32,
+    /// Allocator functions the alloc group probes (wherever the target's allocator defines them).
+    #[arg(long, value_delimiter = ',', default_value = "realloc")]
+    pub alloc_funcs: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoServerArgs {
+    /// Port on 127.0.0.1 to listen on (0: any free port, printed on stdout).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+}
+
+/// Default groups: what the measurements say costs the traced server nothing noticeable.
+pub const DEFAULT_GROUPS: u32 = group::LOOP | group::PURGE | group::SCHED | group::SYSCALLS;
+pub const ALL_GROUPS: u32 = DEFAULT_GROUPS | group::ALLOC;
+
+pub fn parse_groups(s: &str) -> Result<u32> {
+    let mut groups = group::LOOP;
+    for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        groups |= match name {
+            "default" => DEFAULT_GROUPS,
+            "all" => ALL_GROUPS,
+            "loop" => group::LOOP,
+            "purge" => group::PURGE,
+            "sched" => group::SCHED,
+            "syscalls" => group::SYSCALLS,
+            "alloc" => group::ALLOC,
+            other => bail!("unknown probe group {other:?} (loop, purge, sched, syscalls, alloc, default, all)"),
+        };
+    }
+    Ok(groups)
+}
+
+/// "10ms", "1.5s", "500us", "250ns", "2m"; a bare number is milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().map_err(|_| anyhow!("invalid duration {s:?} (try 10ms, 1.5s)"))?;
+    let scale = match unit.trim() {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "" | "ms" => 1e-3,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        other => bail!("unknown duration unit {other:?} in {s:?} (ns, us, ms, s, m)"),
+    };
+    Ok(Duration::from_secs_f64(value * scale))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10ms").unwrap(), Duration::from_millis(10));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("250").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn groups() {
+        assert_eq!(parse_groups("default").unwrap(), DEFAULT_GROUPS);
+        assert_eq!(parse_groups("purge").unwrap(), group::LOOP | group::PURGE);
+        assert_eq!(parse_groups("default,alloc").unwrap(), ALL_GROUPS);
+        assert!(parse_groups("kprobes").is_err());
+    }
+}

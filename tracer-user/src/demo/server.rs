@@ -1,0 +1,130 @@
+//! A small single-threaded epoll server, shaped like Redis: one loop, line commands, and a big
+//! buffer it can fill and shrink so the allocator hands memory back on the loop thread.
+//!
+//! Commands (one per line, each answered with `OK <ns>`: the time the command itself took):
+//! `PING`, `FILL <MiB>` (allocate and touch a buffer), `SHRINK` (realloc it down to 4 KiB),
+//! `SPIN <ms>` (burn CPU), `SLEEP <ms>` (block), `QUIT` (exit).
+use std::{
+    collections::HashMap,
+    io::{ErrorKind, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const LISTENER: u64 = u64::MAX;
+
+pub fn serve(port: u16) -> Result<()> {
+    // A name of its own, so stall lines and `ps` tell the server from the tracer.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"demo-loop".as_ptr()) };
+    let listener = TcpListener::bind(("127.0.0.1", port)).context("binding 127.0.0.1")?;
+    listener.set_nonblocking(true)?;
+    println!("{}", listener.local_addr()?.port());
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        bail!("epoll_create1: {}", std::io::Error::last_os_error());
+    }
+    watch(ep, listener.as_raw_fd(), LISTENER)?;
+    let mut state = State::default();
+    let mut conns: HashMap<u64, (TcpStream, Vec<u8>)> = HashMap::new();
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+    loop {
+        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            bail!("epoll_wait: {}", std::io::Error::last_os_error());
+        }
+        for ev in &events[..n as usize] {
+            let token = ev.u64;
+            if token == LISTENER {
+                accept_all(ep, &listener, &mut conns)?;
+            } else if !serve_conn(&mut conns, token, &mut state) {
+                conns.remove(&token);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    ballast: Vec<u8>,
+}
+
+fn watch(ep: i32, fd: i32, token: u64) -> Result<()> {
+    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+    if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+        bail!("epoll_ctl: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn accept_all(ep: i32, listener: &TcpListener, conns: &mut HashMap<u64, (TcpStream, Vec<u8>)>) -> Result<()> {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(true)?;
+                let token = stream.as_raw_fd() as u64;
+                watch(ep, stream.as_raw_fd(), token)?;
+                conns.insert(token, (stream, Vec::new()));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Reads what is there and runs every complete line; false when the connection is done.
+fn serve_conn(conns: &mut HashMap<u64, (TcpStream, Vec<u8>)>, token: u64, state: &mut State) -> bool {
+    let Some((stream, buf)) = conns.get_mut(&token) else { return false };
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(_) => return false,
+        }
+    }
+    while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = buf.drain(..=end).collect();
+        let reply = run_command(String::from_utf8_lossy(&line).trim(), state);
+        // Replies are tiny; a client that does not read them loses them.
+        let _ = stream.write_all(reply.as_bytes());
+    }
+    true
+}
+
+fn run_command(line: &str, state: &mut State) -> String {
+    let mut words = line.split_whitespace();
+    let cmd = words.next().unwrap_or("").to_ascii_uppercase();
+    let arg: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    let t = Instant::now();
+    match cmd.as_str() {
+        "PING" => {}
+        // Every byte written, so every page is resident and a purge has real work to do.
+        "FILL" => state.ballast = vec![0x5a; (arg as usize) << 20],
+        "SHRINK" => {
+            state.ballast.truncate(4096);
+            state.ballast.shrink_to_fit();
+        }
+        "SPIN" => spin(Duration::from_millis(arg)),
+        "SLEEP" => std::thread::sleep(Duration::from_millis(arg)),
+        "QUIT" => std::process::exit(0),
+        _ => return format!("ERR unknown command {cmd:?}\n"),
+    }
+    format!("OK {}\n", t.elapsed().as_nanos())
+}
+
+fn spin(d: Duration) {
+    let t = Instant::now();
+    let mut x = 0u64;
+    while t.elapsed() < d {
+        for i in 0..1000 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+    }
+}

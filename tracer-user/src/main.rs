@@ -1,0 +1,56 @@
+//! stalltrace: attach to a running event-loop process and say why its iterations stall.
+mod attribution;
+mod cli;
+mod demo;
+mod histogram;
+mod probes;
+mod report;
+mod session;
+mod target;
+
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::Parser as _;
+
+use crate::{
+    cli::{Cli, Command, CommonArgs},
+    probes::ProbeConfig,
+    report::{Format, Reporter},
+    session::TraceOptions,
+};
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes joined by ": ".
+            eprintln!("stalltrace: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Demo(args)) => demo::run(&args.common),
+        Some(Command::DemoServer(args)) => demo::server::serve(args.port),
+        None => {
+            let Some(pid) = cli.trace.pid else {
+                bail!("no target process: give -p PID (or try `stalltrace demo`)");
+            };
+            trace(pid, &cli.trace.common)
+        }
+    }
+}
+
+pub fn trace(pid: u32, common: &CommonArgs) -> Result<()> {
+    let opts = TraceOptions {
+        pid,
+        threshold_ns: common.threshold.as_nanos() as u64,
+        duration: common.duration,
+        probes: ProbeConfig { groups: common.probes, alloc_funcs: common.alloc_funcs.clone() },
+    };
+    let reporter = Reporter::new(if common.json { Format::Json } else { Format::Human });
+    session::run(&opts, &reporter)
+}

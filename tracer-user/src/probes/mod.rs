@@ -1,0 +1,159 @@
+//! Loading the kernel programs and attaching them, one probe group at a time.
+pub mod alloc;
+pub mod tracefs;
+
+use std::num::NonZeroU32;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, PerCpuArray},
+    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+};
+use tracer_common::{SKIP_SYSCALLS_LEN, TargetConfig, counter, globals, group, maps};
+
+use crate::target::Target;
+
+/// Which groups to attach and which allocator functions the alloc group probes.
+#[derive(Clone, Debug)]
+pub struct ProbeConfig {
+    pub groups: u32,
+    pub alloc_funcs: Vec<String>,
+}
+
+/// The loaded programs; dropping it detaches every link and unloads everything.
+pub struct Probes {
+    pub ebpf: Ebpf,
+    /// Human-readable list of what got attached, for the startup banner.
+    pub attached: Vec<String>,
+}
+
+impl Probes {
+    pub fn load() -> Result<Self> {
+        tracefs::ensure_mounted()?;
+        let prev_state = tracefs::field_offset("sched", "sched_switch", "prev_state")?;
+        let next_pid = tracefs::field_offset("sched", "sched_switch", "next_pid")?;
+        let skip = skip_syscalls();
+        let ebpf = EbpfLoader::new()
+            .override_global(globals::SCHED_PREV_STATE_OFF, &prev_state, true)
+            .override_global(globals::SCHED_NEXT_PID_OFF, &next_pid, true)
+            .override_global(globals::SKIP_SYSCALLS, &skip, true)
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer")))
+            .context("loading the eBPF object")?;
+        Ok(Self { ebpf, attached: Vec::new() })
+    }
+
+    /// Starts accounting `target`'s event-loop threads, reporting iterations >= threshold.
+    pub fn add_target(&mut self, pid: u32, threshold_ns: u64) -> Result<()> {
+        let mut targets: HashMap<_, u32, TargetConfig> =
+            HashMap::try_from(self.ebpf.map_mut(maps::TARGETS).context("TARGETS map")?)?;
+        targets.insert(pid, TargetConfig { threshold_ns }, 0)?;
+        Ok(())
+    }
+
+    pub fn attach(&mut self, config: &ProbeConfig, target: &Target) -> Result<()> {
+        if config.groups & group::LOOP == 0 {
+            bail!("the loop group cannot be switched off: it defines iterations");
+        }
+        self.attach_loop()?;
+        if config.groups & group::PURGE != 0 {
+            self.attach_purge()?;
+        }
+        if config.groups & group::SCHED != 0 {
+            self.tracepoint("sched_switch", "sched", &["sched_switch"])?;
+        }
+        if config.groups & group::SYSCALLS != 0 {
+            self.tracepoint("sys_enter", "raw_syscalls", &["sys_enter"])?;
+            self.tracepoint("sys_exit", "raw_syscalls", &["sys_exit"])?;
+        }
+        if config.groups & group::ALLOC != 0 {
+            self.attach_alloc(target, &config.alloc_funcs)?;
+        }
+        Ok(())
+    }
+
+    fn attach_loop(&mut self) -> Result<()> {
+        // epoll_pwait2 arrived in 5.11 and epoll_wait is absent on arm64: take what exists.
+        let waits: Vec<&str> = ["epoll_wait", "epoll_pwait", "epoll_pwait2"]
+            .into_iter()
+            .filter(|w| tracefs::exists("syscalls", &format!("sys_enter_{w}")))
+            .collect();
+        if waits.is_empty() {
+            bail!("this kernel has no syscalls:sys_enter_epoll_* tracepoints (CONFIG_FTRACE_SYSCALLS)");
+        }
+        let enters: Vec<String> = waits.iter().map(|w| format!("sys_enter_{w}")).collect();
+        let exits: Vec<String> = waits.iter().map(|w| format!("sys_exit_{w}")).collect();
+        self.tracepoint("epoll_enter", "syscalls", &enters.iter().map(String::as_str).collect::<Vec<_>>())?;
+        self.tracepoint("epoll_exit", "syscalls", &exits.iter().map(String::as_str).collect::<Vec<_>>())?;
+        self.tracepoint("thread_exit", "sched", &["sched_process_exit"])
+    }
+
+    fn attach_purge(&mut self) -> Result<()> {
+        self.tracepoint("madvise_enter", "syscalls", &["sys_enter_madvise"])?;
+        self.tracepoint("munmap_enter", "syscalls", &["sys_enter_munmap"])?;
+        self.tracepoint("purge_exit", "syscalls", &["sys_exit_madvise", "sys_exit_munmap"])
+    }
+
+    fn attach_alloc(&mut self, target: &Target, funcs: &[String]) -> Result<()> {
+        let symbols = alloc::resolve(target, funcs)?;
+        if symbols.is_empty() {
+            bail!(
+                "PID {} maps no object defining {} (looked in the executable and its libraries)",
+                target.pid,
+                funcs.join(", ")
+            );
+        }
+        let pid = NonZeroU32::new(target.pid).ok_or_else(|| anyhow!("PID 0"))?;
+        for prog in ["alloc_enter", "alloc_exit"] {
+            let p: &mut UProbe = program(&mut self.ebpf, prog)?.try_into()?;
+            p.load()?;
+            for s in &symbols {
+                p.attach(s.symbol.as_str(), &s.open_path, UProbeScope::OneProcess(pid))
+                    .with_context(|| format!("attaching {prog} to {}:{}", s.object.display(), s.symbol))?;
+            }
+        }
+        for s in &symbols {
+            self.attached.push(format!("uprobe {}:{}", s.object.display(), s.symbol));
+        }
+        Ok(())
+    }
+
+    fn tracepoint(&mut self, prog: &str, category: &str, names: &[&str]) -> Result<()> {
+        let p: &mut TracePoint = program(&mut self.ebpf, prog)?.try_into()?;
+        p.load().with_context(|| format!("loading {prog}"))?;
+        for name in names {
+            p.attach(category, name)
+                .with_context(|| format!("attaching {prog} to {category}:{name}"))?;
+            self.attached.push(format!("{category}:{name}"));
+        }
+        Ok(())
+    }
+
+    /// Sum over CPUs of one `COUNTERS` slot.
+    pub fn counter(&self, index: u32) -> Result<u64> {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(maps::COUNTERS).context("COUNTERS map")?)?;
+        Ok(map.get(&index, 0)?.iter().sum())
+    }
+
+    pub fn lost_stalls(&self) -> u64 {
+        self.counter(counter::LOST_STALLS).unwrap_or(0)
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))
+}
+
+/// Syscalls with groups of their own, which the raw_syscalls programs must not count twice.
+fn skip_syscalls() -> [u64; SKIP_SYSCALLS_LEN] {
+    let mut skip = [u64::MAX; SKIP_SYSCALLS_LEN];
+    #[cfg(target_arch = "x86_64")]
+    let nrs = [libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2, libc::SYS_madvise, libc::SYS_munmap];
+    #[cfg(not(target_arch = "x86_64"))]
+    let nrs = [libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2, libc::SYS_madvise, libc::SYS_munmap];
+    for (slot, nr) in skip.iter_mut().zip(nrs) {
+        *slot = nr as u64;
+    }
+    skip
+}

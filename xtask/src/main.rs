@@ -1,0 +1,77 @@
+//! `cargo xtask`: everything a fresh machine needs, behind one command each.
+//!
+//! setup  installs what building and testing need (idempotent: seconds when nothing is missing)
+//! build  builds the workspace, kernel programs included
+//! demo   setup + build, then `stalltrace demo` with any further arguments
+//! test   setup + build, then every test, as root, one integration test at a time
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = args.split_first().map(|(c, r)| (c.as_str(), r)).unwrap_or(("help", &[]));
+    match cmd {
+        "setup" => setup::run(),
+        "build" => {
+            setup::run()?;
+            build()
+        }
+        "demo" => {
+            setup::run()?;
+            build()?;
+            run_cmd(Command::new(stalltrace_bin()).arg("demo").args(rest))
+        }
+        "test" => {
+            setup::run()?;
+            build()?;
+            test(rest)
+        }
+        _ => {
+            eprintln!("usage: cargo xtask <setup|build|demo|test> [args]");
+            if cmd == "help" { Ok(()) } else { bail!("unknown command {cmd:?}") }
+        }
+    }
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn stalltrace_bin() -> std::path::PathBuf {
+    workspace_root().join("target/debug/stalltrace")
+}
+
+fn build() -> Result<()> {
+    run_cmd(Command::new("cargo").args(["build", "--workspace", "--bins"]).current_dir(workspace_root()))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    // Integration tests trace real processes: one at a time, so that their timing is not
+    // another test's noise.
+    run_cmd(
+        Command::new("cargo")
+            .args(["test", "--workspace"])
+            .args(extra)
+            .args(["--", "--test-threads=1"])
+            .env("STALLTRACE_BIN", stalltrace_bin())
+            .current_dir(workspace_root()),
+    )
+}
+
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
