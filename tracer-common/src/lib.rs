@@ -72,6 +72,13 @@ pub mod tp {
     pub const PROCESS_EXIT_PID: usize = 24;
 }
 
+/// `ThreadState::purge_kind` values.
+pub mod purge_kind {
+    pub const MADVISE: u64 = 0;
+    pub const MUNMAP: u64 = 1;
+    pub const MREMAP: u64 = 2;
+}
+
 /// Per-target settings, keyed by tgid in `TARGETS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -93,17 +100,22 @@ pub struct Components {
     pub munmap_calls: u64,
     pub munmap_ns: u64,
     pub munmap_bytes: u64,
+    /// mremap: glibc shrinks a large block in place with it. Bytes are those released.
+    pub mremap_calls: u64,
+    pub mremap_ns: u64,
+    pub mremap_bytes: u64,
     pub alloc_calls: u64,
-    /// Wall time in allocator calls minus the madvise, munmap and other syscall time nested in them.
+    /// Wall time in allocator calls minus the purge and other syscall time nested in them.
     pub alloc_ns: u64,
     /// Off-CPU while runnable (preempted), outside purge syscalls and allocator calls.
     pub runnable_ns: u64,
     /// Off-CPU while blocked (sleeping, waiting for I/O or a lock), same exclusions.
     pub blocked_ns: u64,
     pub syscall_calls: u64,
-    /// On-CPU time in syscalls other than epoll, madvise and munmap.
+    /// On-CPU time in syscalls other than epoll and the purge group's.
     pub syscall_ns: u64,
-    /// Syscall number + 1 (0: empty slot) of the costliest other syscalls.
+    /// Syscall number + 1 (0: empty slot) of the costliest other syscalls, by wall time
+    /// (off-CPU included, so the syscall a thread slept in shows up).
     pub top_nr: [u32; TOP_SYSCALLS],
     pub top_ns: [u64; TOP_SYSCALLS],
 }
@@ -143,10 +155,10 @@ pub struct ThreadState {
     pub sys_nr: u64,
     pub sys_start_ns: u64,
     pub sys_off_ns: u64,
-    /// Current madvise/munmap call: start time and length; `purge_is_munmap` says which.
+    /// Current purge-group call: start time, bytes released, and which `purge_kind` it is.
     pub purge_start_ns: u64,
     pub purge_len: u64,
-    pub purge_is_munmap: u64,
+    pub purge_kind: u64,
     /// Outermost allocator call: start, nesting depth and the nested syscall time at entry.
     pub alloc_start_ns: u64,
     pub alloc_depth: u64,

@@ -42,5 +42,5 @@ pub fn alloc_exit(_ctx: RetProbeContext) -> u32 {
 /// allocator's own.
 #[inline(always)]
 fn nested_ns(s: &ThreadState) -> u64 {
-    s.parts.madvise_ns + s.parts.munmap_ns + s.parts.syscall_ns
+    s.parts.madvise_ns + s.parts.munmap_ns + s.parts.mremap_ns + s.parts.syscall_ns
 }

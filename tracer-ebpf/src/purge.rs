@@ -1,21 +1,34 @@
-//! Purge group: madvise and munmap, the syscalls through which an allocator hands memory back.
-//! Their time inside an iteration is the primary purge signal; allocator uprobes only refine it.
+//! Purge group: madvise, munmap and mremap, the syscalls through which an allocator hands
+//! memory back. Their time inside an iteration is the primary purge signal; allocator uprobes
+//! only refine it.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use tracer_common::tp;
+use tracer_common::{purge_kind, tp};
 
 use crate::state::{current_iteration, current_thread, now};
 
 #[tracepoint]
 pub fn madvise_enter(ctx: TracePointContext) -> u32 {
-    purge_enter(&ctx, false)
+    // madvise(addr, len, advice)
+    let len = unsafe { ctx.read_at::<u64>(tp::SYS_ENTER_ARG1) }.unwrap_or(0);
+    purge_enter(purge_kind::MADVISE, len)
 }
 
 #[tracepoint]
 pub fn munmap_enter(ctx: TracePointContext) -> u32 {
-    purge_enter(&ctx, true)
+    // munmap(addr, len)
+    let len = unsafe { ctx.read_at::<u64>(tp::SYS_ENTER_ARG1) }.unwrap_or(0);
+    purge_enter(purge_kind::MUNMAP, len)
 }
 
-/// Shared by sys_exit_madvise and sys_exit_munmap: the entry remembered which one it was.
+#[tracepoint]
+pub fn mremap_enter(ctx: TracePointContext) -> u32 {
+    // mremap(old_addr, old_len, new_len, ...): only a shrink releases memory.
+    let old_len = unsafe { ctx.read_at::<u64>(tp::SYS_ENTER_ARG1) }.unwrap_or(0);
+    let new_len = unsafe { ctx.read_at::<u64>(tp::SYS_ENTER_ARG2) }.unwrap_or(0);
+    purge_enter(purge_kind::MREMAP, old_len.saturating_sub(new_len))
+}
+
+/// Shared by the three sys_exit tracepoints: the entry remembered which call it was.
 #[tracepoint]
 pub fn purge_exit(_ctx: TracePointContext) -> u32 {
     let Some(s) = current_thread() else { return 0 };
@@ -25,24 +38,22 @@ pub fn purge_exit(_ctx: TracePointContext) -> u32 {
     let elapsed = now().saturating_sub(s.purge_start_ns);
     s.purge_start_ns = 0;
     let p = &mut s.parts;
-    if s.purge_is_munmap != 0 {
-        p.munmap_calls += 1;
-        p.munmap_ns += elapsed;
-        p.munmap_bytes += s.purge_len;
-    } else {
-        p.madvise_calls += 1;
-        p.madvise_ns += elapsed;
-        p.madvise_bytes += s.purge_len;
-    }
+    let (calls, ns, bytes) = match s.purge_kind {
+        purge_kind::MUNMAP => (&mut p.munmap_calls, &mut p.munmap_ns, &mut p.munmap_bytes),
+        purge_kind::MREMAP => (&mut p.mremap_calls, &mut p.mremap_ns, &mut p.mremap_bytes),
+        _ => (&mut p.madvise_calls, &mut p.madvise_ns, &mut p.madvise_bytes),
+    };
+    *calls += 1;
+    *ns += elapsed;
+    *bytes += s.purge_len;
     0
 }
 
 #[inline(always)]
-fn purge_enter(ctx: &TracePointContext, munmap: bool) -> u32 {
+fn purge_enter(kind: u64, len: u64) -> u32 {
     let Some(s) = current_iteration() else { return 0 };
-    // Both syscalls take (addr, len, ...): the length is the second argument.
-    s.purge_len = unsafe { ctx.read_at::<u64>(tp::SYS_ENTER_ARG1) }.unwrap_or(0);
-    s.purge_is_munmap = munmap as u64;
+    s.purge_len = len;
+    s.purge_kind = kind;
     s.purge_start_ns = now();
     0
 }

@@ -1,5 +1,5 @@
-//! Syscalls group: on-CPU time in every syscall other than epoll, madvise and munmap (those
-//! have groups of their own), with the costliest syscall numbers of the iteration.
+//! Syscalls group: on-CPU time in every syscall other than epoll and the purge group's (those
+//! have programs of their own), with the costliest syscalls of the iteration by wall time.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use tracer_common::{Components, SKIP_SYSCALLS_LEN, TOP_SYSCALLS, tp};
 
@@ -29,13 +29,13 @@ pub fn sys_exit(_ctx: TracePointContext) -> u32 {
     if s.sys_start_ns == 0 {
         return 0;
     }
-    let on_cpu = now()
-        .saturating_sub(s.sys_start_ns)
-        .saturating_sub(s.sys_off_ns);
+    let wall = now().saturating_sub(s.sys_start_ns);
     s.sys_start_ns = 0;
     s.parts.syscall_calls += 1;
-    s.parts.syscall_ns += on_cpu;
-    add_top(&mut s.parts, s.sys_nr, on_cpu);
+    // Off-CPU time inside the call is the sched group's; the ranking keeps it so the syscall
+    // a thread slept in is named.
+    s.parts.syscall_ns += wall.saturating_sub(s.sys_off_ns);
+    add_top(&mut s.parts, s.sys_nr, wall);
     0
 }
 

@@ -6,7 +6,7 @@ use tracer_common::{StallEvent, TOP_SYSCALLS};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
-    /// madvise/munmap and allocator time: memory handed back to the kernel on the loop thread.
+    /// madvise/munmap/mremap and allocator time: memory handed back to the kernel on the loop thread.
     AllocatorPurge,
     /// Off CPU: blocked (sleep, I/O, lock) or runnable but preempted.
     OffCpu,
@@ -50,9 +50,9 @@ pub struct OffCpu {
 pub struct Syscalls {
     pub calls: u64,
     pub ns: u64,
-    /// Name of the syscall with the most on-CPU time in this stall.
+    /// Name of the syscall with the most wall time (off-CPU included) in this stall.
     pub top: Option<String>,
-    /// The costliest syscalls by name, most expensive first.
+    /// The costliest syscalls by name and wall time, most expensive first.
     pub by_name: Vec<(String, u64)>,
 }
 
@@ -79,6 +79,7 @@ pub struct Stall {
     pub explained_pct: f64,
     pub madvise: Purge,
     pub munmap: Purge,
+    pub mremap: Purge,
     pub alloc: Alloc,
     pub off_cpu: OffCpu,
     pub syscalls: Syscalls,
@@ -89,7 +90,7 @@ pub struct Stall {
 pub fn attribute(ev: &StallEvent) -> Stall {
     let p = &ev.parts;
     let duration = ev.duration_ns.max(1);
-    let purge = p.madvise_ns + p.munmap_ns + p.alloc_ns;
+    let purge = p.madvise_ns + p.munmap_ns + p.mremap_ns + p.alloc_ns;
     let off_cpu = p.runnable_ns + p.blocked_ns;
     let covered = purge + off_cpu + p.syscall_ns;
     let app = duration.saturating_sub(covered);
@@ -117,6 +118,7 @@ pub fn attribute(ev: &StallEvent) -> Stall {
         explained_pct: pct(explained),
         madvise: Purge { calls: p.madvise_calls, ns: p.madvise_ns, bytes: p.madvise_bytes },
         munmap: Purge { calls: p.munmap_calls, ns: p.munmap_ns, bytes: p.munmap_bytes },
+        mremap: Purge { calls: p.mremap_calls, ns: p.mremap_ns, bytes: p.mremap_bytes },
         alloc: Alloc { calls: p.alloc_calls, ns: p.alloc_ns },
         off_cpu: OffCpu { runnable_ns: p.runnable_ns, blocked_ns: p.blocked_ns },
         syscalls: Syscalls {

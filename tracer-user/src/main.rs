@@ -21,7 +21,18 @@ use crate::{
 };
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap explains over several lines; a script or a tired human wants one.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("stalltrace: {first}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of causes joined by ": ".

@@ -96,6 +96,9 @@ impl Reporter {
         if s.munmap.calls > 0 {
             line += &format!(" munmap {} ({}x, {})", human_ns(s.munmap.ns), s.munmap.calls, human_bytes(s.munmap.bytes));
         }
+        if s.mremap.calls > 0 {
+            line += &format!(" mremap {} ({}x, {} released)", human_ns(s.mremap.ns), s.mremap.calls, human_bytes(s.mremap.bytes));
+        }
         if s.alloc.calls > 0 {
             line += &format!(" alloc {} ({}x)", human_ns(s.alloc.ns), s.alloc.calls);
         }

@@ -34,7 +34,7 @@ pub fn run(opts: &TraceOptions, reporter: &Reporter) -> Result<()> {
     target::check_privileges()?;
     target::check_btf()?;
     let target = Target::open(opts.pid)?;
-    let mut probes = Probes::load()?;
+    let mut probes = Probes::load(&opts.probes)?;
     probes.add_target(target.pid, opts.threshold_ns)?;
     probes.attach(&opts.probes, &target)?;
     reporter.note(&format!(

@@ -29,11 +29,11 @@ pub struct Probes {
 }
 
 impl Probes {
-    pub fn load() -> Result<Self> {
+    pub fn load(config: &ProbeConfig) -> Result<Self> {
         tracefs::ensure_mounted()?;
         let prev_state = tracefs::field_offset("sched", "sched_switch", "prev_state")?;
         let next_pid = tracefs::field_offset("sched", "sched_switch", "next_pid")?;
-        let skip = skip_syscalls();
+        let skip = skip_syscalls(config.groups);
         let ebpf = EbpfLoader::new()
             .override_global(globals::SCHED_PREV_STATE_OFF, &prev_state, true)
             .override_global(globals::SCHED_NEXT_PID_OFF, &next_pid, true)
@@ -91,7 +91,8 @@ impl Probes {
     fn attach_purge(&mut self) -> Result<()> {
         self.tracepoint("madvise_enter", "syscalls", &["sys_enter_madvise"])?;
         self.tracepoint("munmap_enter", "syscalls", &["sys_enter_munmap"])?;
-        self.tracepoint("purge_exit", "syscalls", &["sys_exit_madvise", "sys_exit_munmap"])
+        self.tracepoint("mremap_enter", "syscalls", &["sys_enter_mremap"])?;
+        self.tracepoint("purge_exit", "syscalls", &["sys_exit_madvise", "sys_exit_munmap", "sys_exit_mremap"])
     }
 
     fn attach_alloc(&mut self, target: &Target, funcs: &[String]) -> Result<()> {
@@ -145,13 +146,17 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))
 }
 
-/// Syscalls with groups of their own, which the raw_syscalls programs must not count twice.
-fn skip_syscalls() -> [u64; SKIP_SYSCALLS_LEN] {
-    let mut skip = [u64::MAX; SKIP_SYSCALLS_LEN];
+/// Syscalls that attached groups account for, which the raw_syscalls programs must not
+/// count twice.
+fn skip_syscalls(groups: u32) -> [u64; SKIP_SYSCALLS_LEN] {
     #[cfg(target_arch = "x86_64")]
-    let nrs = [libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2, libc::SYS_madvise, libc::SYS_munmap];
+    let mut nrs = vec![libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
     #[cfg(not(target_arch = "x86_64"))]
-    let nrs = [libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2, libc::SYS_madvise, libc::SYS_munmap];
+    let mut nrs = vec![libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
+    if groups & group::PURGE != 0 {
+        nrs.extend([libc::SYS_madvise, libc::SYS_munmap, libc::SYS_mremap]);
+    }
+    let mut skip = [u64::MAX; SKIP_SYSCALLS_LEN];
     for (slot, nr) in skip.iter_mut().zip(nrs) {
         *slot = nr as u64;
     }

@@ -1,0 +1,111 @@
+//! The demo's epoll server as a workload with known ground truth: each command says how long
+//! it took, and the stall record must agree.
+use std::{thread, time::Duration};
+
+use serde_json::Value;
+use tests::{LoopServer, Tracer, stalls, summary};
+
+fn only_stall<'a>(records: &'a [Value], verdict: &str) -> &'a Value {
+    let found: Vec<_> = stalls(records).into_iter().filter(|s| s["verdict"] == verdict).collect();
+    assert_eq!(found.len(), 1, "want one {verdict} stall, got {records:#?}");
+    found[0]
+}
+
+fn ms(v: &Value) -> f64 {
+    v.as_u64().expect("integer ns") as f64 / 1e6
+}
+
+#[test]
+fn jemalloc_shrink_is_an_allocator_purge_with_the_workloads_madvise_time() {
+    let server = LoopServer::start(true).unwrap();
+    let mut client = server.client().unwrap();
+    // Filling is its own (app_code) stall; the shrink comes in a later iteration.
+    client.call("FILL 512").unwrap();
+    let tracer = Tracer::start(server.proc.pid(), &[]).unwrap();
+    let shrink_ns = client.call("SHRINK").unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let records = tracer.stop().unwrap();
+    let stall = only_stall(&records, "allocator_purge");
+    let madvise_ns = stall["madvise"]["ns"].as_u64().unwrap() as f64;
+    let err = (madvise_ns - shrink_ns as f64).abs() / shrink_ns as f64;
+    assert!(err <= 0.10, "madvise {madvise_ns}ns vs workload's realloc {shrink_ns}ns: {stall}");
+    assert!(stall["madvise"]["bytes"].as_u64().unwrap() >= 500 << 20, "{stall}");
+    assert_eq!(stall["tid"], stall["pid"], "the loop is the main thread");
+    assert_eq!(summary(&records)["lost"], 0);
+}
+
+#[test]
+fn alloc_group_times_realloc_in_the_preloaded_jemalloc() {
+    let server = LoopServer::start(true).unwrap();
+    let mut client = server.client().unwrap();
+    client.call("FILL 512").unwrap();
+    let tracer = Tracer::start(server.proc.pid(), &["--probes", "all"]).unwrap();
+    client.call("SHRINK").unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let records = tracer.stop().unwrap();
+    let stall = only_stall(&records, "allocator_purge");
+    assert!(stall["alloc"]["calls"].as_u64().unwrap() >= 1, "{stall}");
+    // madvise nested in realloc is counted once, as madvise.
+    let total = stall["madvise"]["ns"].as_u64().unwrap() + stall["alloc"]["ns"].as_u64().unwrap();
+    assert!(total <= stall["duration_ns"].as_u64().unwrap(), "{stall}");
+}
+
+#[test]
+fn glibc_shrink_purges_through_mremap_or_munmap() {
+    let server = LoopServer::start(false).unwrap();
+    let mut client = server.client().unwrap();
+    client.call("FILL 512").unwrap();
+    let tracer = Tracer::start(server.proc.pid(), &[]).unwrap();
+    client.call("SHRINK").unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let records = tracer.stop().unwrap();
+    let stall = only_stall(&records, "allocator_purge");
+    // glibc serves 512 MiB with mmap and shrinks it in place with mremap (or frees it).
+    let released = stall["munmap"]["bytes"].as_u64().unwrap() + stall["mremap"]["bytes"].as_u64().unwrap();
+    assert!(released >= 500 << 20, "{stall}");
+}
+
+#[test]
+fn spinning_is_app_code() {
+    let server = LoopServer::start(false).unwrap();
+    let mut client = server.client().unwrap();
+    let tracer = Tracer::start(server.proc.pid(), &[]).unwrap();
+    client.call("SPIN 200").unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let records = tracer.stop().unwrap();
+    let stall = only_stall(&records, "app_code");
+    assert!((195.0..400.0).contains(&ms(&stall["duration_ns"])), "{stall}");
+    assert!(stall["explained_pct"].as_f64().unwrap() >= 80.0, "{stall}");
+    assert_eq!(stalls(&records).len(), 1, "{records:#?}");
+}
+
+#[test]
+fn sleeping_is_off_cpu_blocked() {
+    let server = LoopServer::start(false).unwrap();
+    let mut client = server.client().unwrap();
+    let tracer = Tracer::start(server.proc.pid(), &[]).unwrap();
+    client.call("SLEEP 200").unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let records = tracer.stop().unwrap();
+    let stall = only_stall(&records, "off_cpu");
+    assert!(ms(&stall["off_cpu"]["blocked_ns"]) >= 195.0, "{stall}");
+    // The syscall it slept in is named, whichever sleep call this libc uses.
+    assert!(stall["syscalls"]["top"].as_str().unwrap().contains("nanosleep"), "{stall}");
+    assert_eq!(stalls(&records).len(), 1, "{records:#?}");
+}
+
+#[test]
+fn an_idle_loop_reports_no_stalls_but_counts_its_iterations() {
+    let server = LoopServer::start(false).unwrap();
+    let mut client = server.client().unwrap();
+    let tracer = Tracer::start(server.proc.pid(), &[]).unwrap();
+    for _ in 0..20 {
+        client.call("PING").unwrap();
+        thread::sleep(Duration::from_millis(50));
+    }
+    let records = tracer.stop().unwrap();
+    assert!(stalls(&records).is_empty(), "{records:#?}");
+    let s = summary(&records);
+    assert!(s["iterations"].as_u64().unwrap() >= 20, "{s}");
+    assert_eq!(s["threads"][0]["tid"], server.proc.pid(), "{s}");
+}
