@@ -52,15 +52,15 @@ fn stalltrace_bin() -> std::path::PathBuf {
 }
 
 fn build() -> Result<()> {
-    run_cmd(Command::new("cargo").args(["build", "--workspace", "--bins"]).current_dir(workspace_root()))
+    run_cmd(Command::new("cargo").args(["build", "--bins"]).current_dir(workspace_root()))
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    // Integration tests trace real processes: one at a time, so that their timing is not
+    // Default members only: tracer-ebpf builds for the BPF target alone. Integration tests trace real processes: one at a time, so that their timing is not
     // another test's noise.
     run_cmd(
         Command::new("cargo")
-            .args(["test", "--workspace"])
+            .args(["test"])
             .args(extra)
             .args(["--", "--test-threads=1"])
             .env("STALLTRACE_BIN", stalltrace_bin())
