@@ -6,7 +6,10 @@
 //! test   setup + build, then every test, as root, one integration test at a time
 mod setup;
 
-use std::process::Command;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -56,16 +59,44 @@ fn build() -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    // Default members only: tracer-ebpf builds for the BPF target alone. Integration tests trace real processes: one at a time, so that their timing is not
-    // another test's noise.
-    run_cmd(
-        Command::new("cargo")
-            .args(["test"])
-            .args(extra)
-            .args(["--", "--test-threads=1"])
-            .env("STALLTRACE_BIN", stalltrace_bin())
-            .current_dir(workspace_root()),
-    )
+    // Default members only: tracer-ebpf builds for the BPF target alone. Integration tests
+    // trace real processes: one at a time, so that their timing is not another test's noise.
+    let mut child = Command::new("cargo")
+        .args(["test"])
+        .args(extra)
+        .args(["--", "--test-threads=1"])
+        .env("STALLTRACE_BIN", stalltrace_bin())
+        .current_dir(workspace_root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = parse_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    // cargo ends on the (empty) doc-test run; this total is the line that says what ran.
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
+}
+
+/// (passed, failed) from a libtest line such as "test result: ok. 6 passed; 0 failed; ...".
+fn parse_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';')
+            .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+            .and_then(|n| n.trim().parse().ok())
+    };
+    Some((count(" passed")?, count(" failed")?))
 }
 
 pub fn run_cmd(cmd: &mut Command) -> Result<()> {
@@ -74,4 +105,16 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_result;
+
+    #[test]
+    fn reads_libtest_totals() {
+        assert_eq!(parse_result("test result: ok. 6 passed; 0 failed; 0 ignored; 0 measured"), Some((6, 0)));
+        assert_eq!(parse_result("test result: FAILED. 5 passed; 1 failed; 0 ignored"), Some((5, 1)));
+        assert_eq!(parse_result("running 6 tests"), None);
+    }
 }
