@@ -3,13 +3,53 @@
 //! Everything that crosses the boundary lives here: the ring-buffer records, the per-thread
 //! state userspace polls, the names of globals and maps, and the bit layout of the probe groups.
 //! Layouts are `#[repr(C)]` with explicit padding so both compilers agree byte for byte.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub const TASK_COMM_LEN: usize = 16;
 
-/// log2 buckets for iteration times: bucket `i` holds durations in `[2^i, 2^(i+1))` ns.
-/// 2^40 ns is about 18 minutes, longer than any iteration worth reporting.
-pub const HIST_SLOTS: usize = 40;
+/// Latency histograms: each power of two of nanoseconds is split into `HIST_SUB` linear
+/// buckets (a bucket's width is at most 25% of its lower bound), up to 2^40 ns (18 minutes).
+/// Both sides use `hist_slot`/`slot_lower`, so the layout is defined once, here.
+pub const HIST_SUB: usize = 4;
+pub const HIST_OCTAVES: usize = 40;
+pub const HIST_SLOTS: usize = HIST_OCTAVES * HIST_SUB;
+
+/// floor(log2(v)) for v > 0, in compare-and-shift steps (BPF has no count-leading-zeros).
+#[inline(always)]
+pub fn log2(mut v: u64) -> u32 {
+    let mut r = 0;
+    let mut shift = 32;
+    while shift > 0 {
+        if v >= 1u64 << shift {
+            v >>= shift;
+            r += shift;
+        }
+        shift >>= 1;
+    }
+    r
+}
+
+/// The bucket of a duration in ns: 0..3 exactly, then 4 per power of two.
+#[inline(always)]
+pub fn hist_slot(ns: u64) -> usize {
+    if ns < HIST_SUB as u64 {
+        return ns as usize;
+    }
+    let l = log2(ns);
+    let sub = (ns >> (l - 2)) & (HIST_SUB as u64 - 1);
+    let slot = (l as usize - 1) * HIST_SUB + sub as usize;
+    if slot < HIST_SLOTS { slot } else { HIST_SLOTS - 1 }
+}
+
+/// Smallest duration that falls in `slot`.
+pub const fn slot_lower(slot: usize) -> u64 {
+    if slot < HIST_SUB {
+        return slot as u64;
+    }
+    let l = slot / HIST_SUB + 1;
+    let sub = (slot % HIST_SUB) as u64;
+    (HIST_SUB as u64 + sub) << (l - 2)
+}
 
 /// Slots of the per-iteration "which syscalls cost the most" table.
 pub const TOP_SYSCALLS: usize = 4;
@@ -168,14 +208,19 @@ pub struct ThreadState {
     pub parts: Components,
 }
 
-/// Per-thread log2 histogram of iteration times, keyed by tid in `ITER_HIST`.
+/// Per-thread latency histograms, keyed by tid in `ITER_HIST`: every iteration, and every
+/// purge-group syscall and allocator call made inside an iteration.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct IterHist {
     pub tgid: u32,
     pub _pad: u32,
     pub comm: [u8; TASK_COMM_LEN],
-    pub slots: [u64; HIST_SLOTS],
+    pub iter_max_ns: u64,
+    pub purge_bytes: u64,
+    pub iter: [u64; HIST_SLOTS],
+    pub purge: [u64; HIST_SLOTS],
+    pub alloc: [u64; HIST_SLOTS],
 }
 
 #[cfg(feature = "user")]
@@ -186,4 +231,25 @@ mod pod {
     unsafe impl aya::Pod for super::StallEvent {}
     unsafe impl aya::Pod for super::ThreadState {}
     unsafe impl aya::Pod for super::IterHist {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_value_lands_in_the_bucket_whose_bounds_hold_it() {
+        let mut v = 0u64;
+        while v < 1 << 41 {
+            let s = hist_slot(v);
+            assert!(slot_lower(s) <= v, "{v} in slot {s} below {}", slot_lower(s));
+            if s + 1 < HIST_SLOTS {
+                assert!(v < slot_lower(s + 1), "{v} beyond slot {s}");
+            }
+            v = v * 9 / 8 + 1;
+        }
+        assert_eq!(hist_slot(u64::MAX), HIST_SLOTS - 1);
+        assert_eq!(log2(1), 0);
+        assert_eq!(log2(1 << 40), 40);
+    }
 }

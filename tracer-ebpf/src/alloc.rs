@@ -5,9 +5,9 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::ThreadState;
+use tracer_common::{ThreadState, hist_slot};
 
-use crate::state::{current_thread, now};
+use crate::state::{current_thread, current_tid, histograms, now};
 
 #[uprobe]
 pub fn alloc_enter(_ctx: ProbeContext) -> u32 {
@@ -33,8 +33,12 @@ pub fn alloc_exit(_ctx: RetProbeContext) -> u32 {
     let wall = now().saturating_sub(s.alloc_start_ns);
     let nested = nested_ns(s).saturating_sub(s.alloc_nested_at_entry_ns);
     s.alloc_start_ns = 0;
+    let own = wall.saturating_sub(nested);
     s.parts.alloc_calls += 1;
-    s.parts.alloc_ns += wall.saturating_sub(nested);
+    s.parts.alloc_ns += own;
+    if let Some(c) = histograms(current_tid()).and_then(|h| h.alloc.get_mut(hist_slot(own))) {
+        *c += 1;
+    }
     0
 }
 

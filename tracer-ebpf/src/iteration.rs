@@ -6,11 +6,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    Components, HIST_SLOTS, StallEvent, TASK_COMM_LEN, ThreadState, counter,
+    Components, StallEvent, TASK_COMM_LEN, ThreadState, counter, hist_slot,
     thread_flag::IN_EPOLL,
 };
 
-use crate::state::{ITER_HIST, STALLS, TARGETS, THREADS, ZERO_HIST, count, current_thread, now};
+use crate::state::{ITER_HIST, STALLS, TARGETS, THREADS, ZERO_HIST, count, current_thread, histograms, now};
 
 /// Attached to sys_enter_epoll_wait, _pwait and _pwait2: the iteration ends here.
 #[tracepoint]
@@ -99,26 +99,13 @@ fn new_histogram(tgid: u32, tid: u32) {
 
 #[inline(always)]
 fn record_histogram(tid: u32, duration: u64) {
-    let Some(h) = ITER_HIST.get_ptr_mut(tid) else { return };
-    let slot = log2(duration).min(HIST_SLOTS as u32 - 1) as usize;
-    // SAFETY: the entry belongs to the calling thread.
-    let h = unsafe { &mut *h };
-    if let Some(c) = h.slots.get_mut(slot) {
+    let Some(h) = histograms(tid) else { return };
+    if let Some(c) = h.iter.get_mut(hist_slot(duration)) {
         *c += 1;
     }
-}
-
-/// BPF has no count-leading-zeros instruction; six compare-and-shift steps do.
-#[inline(always)]
-fn log2(mut v: u64) -> u32 {
-    let mut r = 0;
-    for shift in [32u32, 16, 8, 4, 2, 1] {
-        if v >= 1u64 << shift {
-            v >>= shift;
-            r += shift;
-        }
+    if duration > h.iter_max_ns {
+        h.iter_max_ns = duration;
     }
-    r
 }
 
 #[inline(never)]

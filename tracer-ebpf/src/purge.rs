@@ -2,9 +2,9 @@
 //! memory back. Their time inside an iteration is the primary purge signal; allocator uprobes
 //! only refine it.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use tracer_common::{purge_kind, tp};
+use tracer_common::{hist_slot, purge_kind, tp};
 
-use crate::state::{current_iteration, current_thread, now};
+use crate::state::{current_iteration, current_thread, current_tid, histograms, now};
 
 #[tracepoint]
 pub fn madvise_enter(ctx: TracePointContext) -> u32 {
@@ -46,6 +46,12 @@ pub fn purge_exit(_ctx: TracePointContext) -> u32 {
     *calls += 1;
     *ns += elapsed;
     *bytes += s.purge_len;
+    if let Some(h) = histograms(current_tid()) {
+        if let Some(c) = h.purge.get_mut(hist_slot(elapsed)) {
+            *c += 1;
+        }
+        h.purge_bytes += s.purge_len;
+    }
     0
 }
 

@@ -62,3 +62,10 @@ pub fn count(index: u32) {
         unsafe { *p += 1 };
     }
 }
+
+/// The thread's histograms; only ever updated by the thread itself.
+#[inline(always)]
+pub fn histograms(tid: u32) -> Option<&'static mut IterHist> {
+    // SAFETY: as for `thread`: one writer per entry.
+    ITER_HIST.get_ptr_mut(tid).map(|p| unsafe { &mut *p })
+}

@@ -44,6 +44,12 @@ pub struct CommonArgs {
     /// JSON lines on stdout instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Plain text even on a terminal (the live view is the default there).
+    #[arg(long)]
+    pub no_tui: bool,
+    /// In text mode, print iteration histograms this often.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub interval: Duration,
     /// Probe groups: a comma list of loop, purge, sched, syscalls, alloc; or "default", "all".
     #[arg(long, default_value = "default", value_parser = parse_groups)]
     pub probes: u32,

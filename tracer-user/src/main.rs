@@ -1,4 +1,5 @@
 //! stalltrace: attach to a running event-loop process and say why its iterations stall.
+mod app;
 mod attribution;
 mod cli;
 mod demo;
@@ -16,8 +17,8 @@ use clap::Parser as _;
 use crate::{
     cli::{Cli, Command, CommonArgs},
     probes::ProbeConfig,
-    report::{Format, Reporter},
-    session::TraceOptions,
+    report::Format,
+    session::{Session, TraceOptions},
 };
 
 fn main() -> ExitCode {
@@ -62,6 +63,11 @@ pub fn trace(pid: u32, common: &CommonArgs) -> Result<()> {
         duration: common.duration,
         probes: ProbeConfig { groups: common.probes, alloc_funcs: common.alloc_funcs.clone() },
     };
-    let reporter = Reporter::new(if common.json { Format::Json } else { Format::Human });
-    session::run(&opts, &reporter)
+    let mut session = Session::attach(&opts)?;
+    if common.json {
+        report::run(&mut session, Format::Json, None)
+    } else {
+        report::run(&mut session, Format::Human, Some(common.interval))
+    }
+    // Dropping the session detaches every link and unloads the programs.
 }

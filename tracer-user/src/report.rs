@@ -2,13 +2,17 @@
 use std::{
     collections::BTreeMap,
     io::{self, Write as _},
+    time::{Duration, Instant},
 };
 
+use anyhow::Result;
 use serde::Serialize;
 
 use crate::{
+    app::App,
     attribution::{Stall, Verdict},
-    histogram::{Bucket, Log2Hist, human_bytes, human_ns},
+    histogram::{Bucket, Histogram, Percentiles, human_bytes, human_ns},
+    session::Session,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,18 +21,12 @@ pub enum Format {
     Json,
 }
 
-/// Per-thread iteration histogram, as read from the kernel at exit.
-pub struct ThreadHist {
-    pub tid: u32,
-    pub comm: String,
-    pub hist: Log2Hist,
-}
-
 #[derive(Serialize)]
 struct ThreadSummary<'a> {
     tid: u32,
     comm: &'a str,
     iterations: u64,
+    percentiles: Percentiles,
     histogram: Vec<Bucket>,
 }
 
@@ -45,13 +43,42 @@ struct Summary<'a> {
     threads: Vec<ThreadSummary<'a>>,
 }
 
-/// Everything the summary needs, gathered while tracing.
-pub struct SummaryData {
-    pub pid: u32,
-    pub traced_ns: u64,
-    pub by_verdict: BTreeMap<Verdict, u64>,
-    pub lost: u64,
-    pub threads: Vec<ThreadHist>,
+/// The line-oriented front end: a record per stall as it arrives, text histograms every
+/// `interval` (text only), and the summary when the session ends.
+pub fn run(session: &mut Session, format: Format, interval: Option<Duration>) -> Result<()> {
+    let reporter = Reporter::new(format);
+    reporter.note(&session.banner());
+    let mut last = Vec::new();
+    let mut next_tick = interval.map(|i| Instant::now() + i);
+    let reason = loop {
+        session.wait(Duration::from_millis(100));
+        for s in session.drain() {
+            reporter.stall(&s);
+        }
+        if let Some(reason) = session.finished() {
+            break reason;
+        }
+        if let (Some(tick), Some(every)) = (next_tick, interval)
+            && Instant::now() >= tick
+        {
+            session.refresh()?;
+            reporter.interval(&session.app, &last);
+            last = snapshot(&session.app);
+            next_tick = Some(tick + every);
+        }
+    };
+    for s in session.drain() {
+        reporter.stall(&s);
+    }
+    session.refresh()?;
+    reporter.note(&format!("stopping: {reason}"));
+    reporter.summary(&session.app);
+    Ok(())
+}
+
+/// Per-thread iteration histograms at one moment, to print the next interval's difference.
+fn snapshot(app: &App) -> Vec<(u32, Histogram)> {
+    app.threads.iter().map(|t| (t.tid, t.iter.clone())).collect()
 }
 
 pub struct Reporter {
@@ -114,53 +141,88 @@ impl Reporter {
         line + &format!(" app {}", human_ns(s.app_code_ns))
     }
 
-    pub fn summary(&self, d: &SummaryData) {
-        let iterations: u64 = d.threads.iter().map(|t| t.hist.total()).sum();
-        let stalls: u64 = d.by_verdict.values().sum();
+    /// Text mode's periodic view: each thread's iterations since the previous interval.
+    fn interval(&self, app: &App, last: &[(u32, Histogram)]) {
+        if self.format != Format::Human {
+            return;
+        }
+        let mut out = format!("\n-- {} iterations by thread, last interval", wall_clock(clock_ns(libc::CLOCK_REALTIME)));
+        for t in &app.threads {
+            let delta = match last.iter().find(|(tid, _)| *tid == t.tid) {
+                Some((_, before)) => t.iter.since(before),
+                None => t.iter.clone(),
+            };
+            out += &format!("\n   thread {} ({}):\n", t.tid, t.comm);
+            out += &delta.render("iteration time", "   ");
+        }
+        for p in &app.in_progress {
+            out += &format!("   IN PROGRESS: thread {} ({}) in one iteration for {}\n", p.tid, p.comm, human_ns(p.elapsed_ns));
+        }
+        print_line(&out);
+    }
+
+    pub fn summary(&self, app: &App) {
+        let traced_ns = app.started.elapsed().as_nanos() as u64;
         match self.format {
             Format::Json => {
-                let threads = d
+                let threads = app
                     .threads
                     .iter()
-                    .map(|t| ThreadSummary { tid: t.tid, comm: &t.comm, iterations: t.hist.total(), histogram: t.hist.buckets() })
+                    .map(|t| ThreadSummary {
+                        tid: t.tid,
+                        comm: &t.comm,
+                        iterations: t.iter.total(),
+                        percentiles: t.iter.percentiles(),
+                        histogram: t.iter.buckets(),
+                    })
                     .collect();
                 let s = Summary {
                     kind: "summary",
-                    pid: d.pid,
-                    traced_ns: d.traced_ns,
-                    iterations,
-                    stalls,
-                    by_verdict: &d.by_verdict,
-                    lost: d.lost,
+                    pid: app.pid,
+                    traced_ns,
+                    iterations: app.iterations(),
+                    stalls: app.stall_count(),
+                    by_verdict: &app.by_verdict,
+                    lost: app.lost,
                     threads,
                 };
                 print_line(&serde_json::to_string(&s).expect("summary serializes"));
             }
-            Format::Human => print_line(&self.summary_text(d, iterations, stalls)),
+            Format::Human => print_line(&summary_text(app, traced_ns)),
         }
     }
+}
 
-    fn summary_text(&self, d: &SummaryData, iterations: u64, stalls: u64) -> String {
-        let mut out = format!(
-            "\n== stalltrace summary: PID {} traced {}, {} iterations, {} stalls, {} lost records\n",
-            d.pid,
-            human_ns(d.traced_ns),
-            iterations,
-            stalls,
-            d.lost
-        );
-        for (verdict, n) in &d.by_verdict {
-            out += &format!("   {:<16} {n}\n", verdict.as_str());
-        }
-        if d.threads.is_empty() {
-            out += "   no event-loop thread seen (no thread returned from epoll_wait/epoll_pwait)\n";
-        }
-        for t in &d.threads {
-            out += &format!("\n   thread {} ({}) iteration times:\n", t.tid, t.comm);
-            out += &t.hist.render("   ");
-        }
-        out
+fn summary_text(app: &App, traced_ns: u64) -> String {
+    let mut out = format!(
+        "\n== stalltrace summary: PID {} ({}) traced {}, {} iterations, {} stalls, {} lost records\n",
+        app.pid,
+        app.comm,
+        human_ns(traced_ns),
+        app.iterations(),
+        app.stall_count(),
+        app.lost
+    );
+    for (verdict, n) in &app.by_verdict {
+        out += &format!("   {:<16} {n}\n", verdict.as_str());
     }
+    if app.threads.is_empty() {
+        out += "   no event-loop thread seen (no thread returned from epoll_wait/epoll_pwait)\n";
+    }
+    for t in &app.threads {
+        let p = t.iter.percentiles();
+        out += &format!(
+            "\n   thread {} ({}): p50 {} p99 {} p99.9 {} max {}\n",
+            t.tid,
+            t.comm,
+            human_ns(p.p50_ns),
+            human_ns(p.p99_ns),
+            human_ns(p.p999_ns),
+            human_ns(p.max_ns)
+        );
+        out += &t.iter.render("iteration time", "   ");
+    }
+    out
 }
 
 fn print_line(line: &str) {

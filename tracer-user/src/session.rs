@@ -1,7 +1,6 @@
-//! One tracing session: attach to a target, turn ring-buffer records into reported stalls
-//! until told to stop, then print the summary and detach.
+//! One tracing session: the attached probes, the ring buffer of stall records, and the
+//! refreshes that copy the kernel's histograms and in-progress iterations into the `App`.
 use std::{
-    collections::BTreeMap,
     os::fd::AsRawFd as _,
     sync::{
         Arc,
@@ -12,13 +11,14 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData, RingBuf};
-use tracer_common::{IterHist, StallEvent, maps};
+use tracer_common::{IterHist, StallEvent, ThreadState, maps};
 
 use crate::{
-    attribution::{self, Verdict, comm_str},
-    histogram::{Log2Hist, human_ns},
+    app::{App, InProgress, ThreadView},
+    attribution::{self, Stall, comm_str},
+    histogram::{Histogram, human_ns},
     probes::{ProbeConfig, Probes},
-    report::{Reporter, SummaryData, ThreadHist},
+    report::clock_ns,
     target::{self, Target},
 };
 
@@ -29,81 +29,126 @@ pub struct TraceOptions {
     pub probes: ProbeConfig,
 }
 
-/// Traces until SIGINT/SIGTERM, the end of `duration`, or the target's exit.
-pub fn run(opts: &TraceOptions, reporter: &Reporter) -> Result<()> {
-    target::check_privileges()?;
-    target::check_btf()?;
-    let target = Target::open(opts.pid)?;
-    let mut probes = Probes::load(&opts.probes)?;
-    probes.add_target(target.pid, opts.threshold_ns)?;
-    probes.attach(&opts.probes, &target)?;
-    reporter.note(&format!(
-        "tracing PID {} ({}), stalls >= {}; probes: {}",
-        target.pid,
-        target.comm,
-        human_ns(opts.threshold_ns),
-        probes.attached.join(", ")
-    ));
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handler")?;
-    }
-    let mut ring = RingBuf::try_from(probes.ebpf.take_map(maps::STALLS).context("STALLS map")?)?;
-    let started = Instant::now();
-    let mut by_verdict = BTreeMap::new();
-    loop {
-        wait_readable(ring.as_raw_fd(), Duration::from_millis(100));
-        drain(&mut ring, reporter, &mut by_verdict);
-        if stop.load(Ordering::Relaxed) || opts.duration.is_some_and(|d| started.elapsed() >= d) {
-            break;
-        }
-        if !target.is_alive() {
-            reporter.note(&format!("PID {} exited", target.pid));
-            break;
-        }
-    }
-    drain(&mut ring, reporter, &mut by_verdict);
-    let summary = SummaryData {
-        pid: target.pid,
-        traced_ns: started.elapsed().as_nanos() as u64,
-        by_verdict,
-        lost: probes.lost_stalls(),
-        threads: thread_histograms(&probes, target.pid)?,
-    };
-    reporter.summary(&summary);
-    // Dropping `probes` detaches every link and unloads the programs.
-    Ok(())
+pub struct Session {
+    probes: Probes,
+    ring: RingBuf<MapData>,
+    target: Target,
+    pub app: App,
+    stop: Arc<AtomicBool>,
+    deadline: Option<Instant>,
 }
 
-fn drain(ring: &mut RingBuf<MapData>, reporter: &Reporter, by_verdict: &mut BTreeMap<Verdict, u64>) {
-    while let Some(item) = ring.next() {
-        if item.len() < size_of::<StallEvent>() {
-            continue;
+impl Session {
+    /// Checks the target and the privileges, then loads and attaches every requested group.
+    pub fn attach(opts: &TraceOptions) -> Result<Self> {
+        target::check_privileges()?;
+        target::check_btf()?;
+        let target = Target::open(opts.pid)?;
+        let mut probes = Probes::load(&opts.probes)?;
+        probes.add_target(target.pid, opts.threshold_ns)?;
+        probes.attach(&opts.probes, &target)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handler")?;
         }
-        // SAFETY: the kernel wrote a whole StallEvent; the ring buffer only guarantees 8-byte
-        // alignment, so read it unaligned.
-        let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StallEvent>()) };
-        let stall = attribution::attribute(&ev);
-        *by_verdict.entry(stall.verdict).or_default() += 1;
-        reporter.stall(&stall);
+        let ring = RingBuf::try_from(probes.ebpf.take_map(maps::STALLS).context("STALLS map")?)?;
+        let app = App::new(target.pid, target.comm.clone(), opts.threshold_ns);
+        Ok(Self { probes, ring, target, app, stop, deadline: opts.duration.map(|d| Instant::now() + d) })
     }
-}
 
-fn thread_histograms(probes: &Probes, pid: u32) -> Result<Vec<ThreadHist>> {
-    let map: HashMap<_, u32, IterHist> =
-        HashMap::try_from(probes.ebpf.map(maps::ITER_HIST).context("ITER_HIST map")?)?;
-    let mut threads: Vec<ThreadHist> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, h)| h.tgid == pid)
-        .map(|(tid, h)| ThreadHist { tid, comm: comm_str(&h.comm), hist: Log2Hist::new(&h.slots) })
-        .collect();
-    threads.sort_by_key(|t| t.tid);
-    Ok(threads)
-}
+    pub fn banner(&self) -> String {
+        format!(
+            "tracing PID {} ({}), stalls >= {}; probes: {}",
+            self.target.pid,
+            self.target.comm,
+            human_ns(self.app.threshold_ns),
+            self.probes.attached.join(", ")
+        )
+    }
 
-/// Sleeps until the ring buffer has data or `timeout` passes; a signal also wakes it.
-fn wait_readable(fd: i32, timeout: Duration) {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    /// Why the session should end now, if it should.
+    pub fn finished(&self) -> Option<String> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Some("interrupted".into());
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Some("duration reached".into());
+        }
+        if !self.target.is_alive() {
+            return Some(format!("PID {} exited", self.target.pid));
+        }
+        None
+    }
+
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Sleeps until a stall record arrives or `timeout` passes; a signal also wakes it.
+    pub fn wait(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd { fd: self.ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    }
+
+    /// Attributes and records every stall waiting in the ring buffer; returns them too.
+    pub fn drain(&mut self) -> Vec<Stall> {
+        let mut out = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() < size_of::<StallEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole StallEvent; the ring buffer only guarantees
+            // 8-byte alignment, so read it unaligned.
+            let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StallEvent>()) };
+            out.push(attribution::attribute(&ev));
+        }
+        for s in &out {
+            self.app.record(s.clone());
+        }
+        out
+    }
+
+    /// Copies the kernel's histograms, in-progress iterations and lost count into the App.
+    pub fn refresh(&mut self) -> Result<()> {
+        self.app.threads = self.thread_views()?;
+        self.app.in_progress = self.in_progress()?;
+        self.app.lost = self.probes.lost_stalls();
+        Ok(())
+    }
+
+    fn thread_views(&self) -> Result<Vec<ThreadView>> {
+        let map: HashMap<_, u32, IterHist> =
+            HashMap::try_from(self.probes.ebpf.map(maps::ITER_HIST).context("ITER_HIST map")?)?;
+        let mut views: Vec<ThreadView> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, h)| h.tgid == self.target.pid)
+            .map(|(tid, h)| ThreadView {
+                tid,
+                comm: comm_str(&h.comm),
+                iter: Histogram::new(&h.iter, h.iter_max_ns),
+                purge: Histogram::new(&h.purge, 0),
+                alloc: Histogram::new(&h.alloc, 0),
+                purge_bytes: h.purge_bytes,
+            })
+            .collect();
+        views.sort_by_key(|t| t.tid);
+        Ok(views)
+    }
+
+    /// Iterations running longer than the threshold right now: a stall shows while it lasts.
+    fn in_progress(&self) -> Result<Vec<InProgress>> {
+        let map: HashMap<_, u32, ThreadState> =
+            HashMap::try_from(self.probes.ebpf.map(maps::THREADS).context("THREADS map")?)?;
+        let now = clock_ns(libc::CLOCK_MONOTONIC);
+        let comm_of = |tid: u32| self.app.threads.iter().find(|t| t.tid == tid).map(|t| t.comm.clone());
+        Ok(map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, s)| s.tgid == self.target.pid && s.iter_start_ns != 0)
+            .map(|(tid, s)| (tid, now.saturating_sub(s.iter_start_ns)))
+            .filter(|&(_, elapsed)| elapsed >= self.app.threshold_ns)
+            .map(|(tid, elapsed_ns)| InProgress { tid, comm: comm_of(tid).unwrap_or_default(), elapsed_ns })
+            .collect())
+    }
 }

@@ -1,0 +1,88 @@
+//! What the views show, kept apart from how they draw it: stalls as they arrive, and the
+//! kernel's histograms and in-progress iterations as of the last refresh.
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::Instant,
+};
+
+use crate::{
+    attribution::{Stall, Verdict},
+    histogram::Histogram,
+};
+
+/// Stalls kept for the views; the summary counts every one.
+const KEEP_STALLS: usize = 10_000;
+
+pub struct ThreadView {
+    pub tid: u32,
+    pub comm: String,
+    pub iter: Histogram,
+    pub purge: Histogram,
+    pub alloc: Histogram,
+    pub purge_bytes: u64,
+}
+
+/// An iteration already longer than the threshold that has not ended yet.
+#[derive(Clone, Debug)]
+pub struct InProgress {
+    pub tid: u32,
+    pub comm: String,
+    pub elapsed_ns: u64,
+}
+
+pub struct App {
+    pub pid: u32,
+    pub comm: String,
+    pub threshold_ns: u64,
+    pub started: Instant,
+    pub stalls: VecDeque<Stall>,
+    pub by_verdict: BTreeMap<Verdict, u64>,
+    pub threads: Vec<ThreadView>,
+    pub in_progress: Vec<InProgress>,
+    pub lost: u64,
+}
+
+impl App {
+    pub fn new(pid: u32, comm: String, threshold_ns: u64) -> Self {
+        Self {
+            pid,
+            comm,
+            threshold_ns,
+            started: Instant::now(),
+            stalls: VecDeque::new(),
+            by_verdict: BTreeMap::new(),
+            threads: Vec::new(),
+            in_progress: Vec::new(),
+            lost: 0,
+        }
+    }
+
+    pub fn record(&mut self, stall: Stall) {
+        *self.by_verdict.entry(stall.verdict).or_default() += 1;
+        if self.stalls.len() == KEEP_STALLS {
+            self.stalls.pop_front();
+        }
+        self.stalls.push_back(stall);
+    }
+
+    pub fn stall_count(&self) -> u64 {
+        self.by_verdict.values().sum()
+    }
+
+    pub fn iterations(&self) -> u64 {
+        self.threads.iter().map(|t| t.iter.total()).sum()
+    }
+
+    /// Sum over the target's loop threads.
+    pub fn combined(&self, pick: impl Fn(&ThreadView) -> &Histogram) -> Histogram {
+        let mut h = Histogram::default();
+        for t in &self.threads {
+            h.add(pick(t));
+        }
+        h
+    }
+
+    pub fn purge_bytes(&self) -> u64 {
+        self.threads.iter().map(|t| t.purge_bytes).sum()
+    }
+}
