@@ -47,6 +47,12 @@ pub struct CommonArgs {
     /// Plain text even on a terminal (the live view is the default there).
     #[arg(long)]
     pub no_tui: bool,
+    /// At exit, write the stalls as folded stacks (Brendan Gregg's format, microseconds).
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<std::path::PathBuf>,
+    /// At exit, write the stalls as a flame graph SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub flame: Option<std::path::PathBuf>,
     /// In text mode, print iteration histograms this often.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub interval: Duration,

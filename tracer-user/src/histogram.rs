@@ -76,8 +76,9 @@ impl Histogram {
             let mid = (slot_lower(slot) + slot_lower(slot + 1)) / 2;
             let _ = hdr.record_n(mid.max(1), count);
         }
-        let at = |q: f64| if hdr.is_empty() { 0 } else { hdr.value_at_quantile(q) };
-        let max = if self.max_ns > 0 { self.max_ns } else { at(1.0) };
+        let max = if self.max_ns > 0 { self.max_ns } else if hdr.is_empty() { 0 } else { hdr.max() };
+        // A bucket's midpoint can exceed the largest value really seen.
+        let at = |q: f64| if hdr.is_empty() { 0 } else { hdr.value_at_quantile(q).min(max) };
         Percentiles { count: hdr.len(), p50_ns: at(0.50), p99_ns: at(0.99), p999_ns: at(0.999), max_ns: max }
     }
 

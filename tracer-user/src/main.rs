@@ -3,13 +3,15 @@ mod app;
 mod attribution;
 mod cli;
 mod demo;
+mod flame;
 mod histogram;
 mod probes;
 mod report;
 mod session;
 mod target;
+mod tui;
 
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use anyhow::{Result, bail};
 use clap::Parser as _;
@@ -65,9 +67,25 @@ pub fn trace(pid: u32, common: &CommonArgs) -> Result<()> {
     };
     let mut session = Session::attach(&opts)?;
     if common.json {
-        report::run(&mut session, Format::Json, None)
+        report::run(&mut session, Format::Json, None)?;
+    } else if !common.no_tui && std::io::stdout().is_terminal() {
+        tui::run(&mut session)?;
+        // The live view is gone with the alternate screen: leave the summary behind.
+        report::Reporter::new(Format::Human).summary(&session.app);
     } else {
-        report::run(&mut session, Format::Human, Some(common.interval))
+        report::run(&mut session, Format::Human, Some(common.interval))?;
     }
+    write_flames(&session.app, common)
     // Dropping the session detaches every link and unloads the programs.
+}
+
+fn write_flames(app: &app::App, common: &CommonArgs) -> Result<()> {
+    let lines = flame::folded(&app.stalls);
+    if let Some(path) = &common.folded {
+        flame::write_folded(path, &lines)?;
+    }
+    if let Some(path) = &common.flame {
+        flame::write_svg(path, &lines, &format!("stalltrace: PID {} ({})", app.pid, app.comm))?;
+    }
+    Ok(())
 }

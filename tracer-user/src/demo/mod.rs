@@ -27,14 +27,17 @@ const JEMALLOC: &[&str] = &[
     "/usr/lib/libjemalloc.so.2",
 ];
 
-/// The load's script: each step is a command and how long to idle after it.
+/// The load's script: each step is a command and how long to idle after it. `STORM` is the
+/// client's own step: a burst of connections opened at once, as pools refilling do.
 const SCRIPT: &[(&str, u64)] = &[
-    ("FILL 256", 300),
-    ("SHRINK", 700),
-    ("SLEEP 120", 700),
-    ("SPIN 60", 700),
+    ("FILL 512", 400),
+    ("SHRINK", 800),
+    ("STORM", 800),
+    ("SLEEP 120", 800),
     ("PING", 500),
 ];
+
+const STORM_CONNECTIONS: usize = 500;
 
 pub fn run(common: &CommonArgs) -> Result<()> {
     target::check_privileges()?;
@@ -85,7 +88,9 @@ fn drive(port: u16, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         for (cmd, pause_ms) in SCRIPT {
             let mut reply = String::new();
-            if writeln!(writer, "{cmd}").is_err() || reader.read_line(&mut reply).unwrap_or(0) == 0 {
+            if *cmd == "STORM" {
+                storm(port);
+            } else if writeln!(writer, "{cmd}").is_err() || reader.read_line(&mut reply).unwrap_or(0) == 0 {
                 return;
             }
             thread::sleep(Duration::from_millis(*pause_ms));
@@ -93,5 +98,18 @@ fn drive(port: u16, stop: &AtomicBool) {
                 return;
             }
         }
+    }
+}
+
+/// Opens many connections at once, pings on each, and closes them all.
+fn storm(port: u16) {
+    let conns: Vec<TcpStream> =
+        (0..STORM_CONNECTIONS).filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok()).collect();
+    for mut c in &conns {
+        let _ = writeln!(c, "PING");
+    }
+    for c in &conns {
+        let mut reply = String::new();
+        let _ = BufReader::new(c).read_line(&mut reply);
     }
 }

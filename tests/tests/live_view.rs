@@ -1,0 +1,76 @@
+//! `stalltrace demo` in a real terminal (tmux): the live view shows its panels and an
+//! allocator_purge stall, `q` quits, and the terminal comes back as it was.
+use std::{
+    fs,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::stalltrace_bin;
+
+/// A private tmux server, killed when the test ends however it ends.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn new() -> Self {
+        Self { socket: format!("stalltrace-test-{}", std::process::id()) }
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux").arg("-L").arg(&self.socket).args(args).output().expect("tmux runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "demo"])
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let screen = self.screen();
+            if ok(&screen) {
+                return screen;
+            }
+            assert!(Instant::now() < deadline, "no {what} within {timeout:?}; screen:\n{screen}");
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.run(&["kill-server"]);
+    }
+}
+
+fn demo_servers() -> usize {
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim() == "demo-loop")
+        .count()
+}
+
+#[test]
+fn demo_live_view_shows_a_purge_and_quits_cleanly() {
+    let tmux = Tmux::new();
+    let cmd = format!("{} demo; echo demo-exit=$?; sleep 60", stalltrace_bin().display());
+    tmux.run(&["new-session", "-d", "-s", "demo", "-x", "80", "-y", "24", "sh", "-c", &cmd]);
+    let screen = tmux.wait_for("allocator_purge row", Duration::from_secs(40), |s| {
+        s.lines().any(|l| l.contains("allocator_purge") && l.contains("madvise"))
+    });
+    for panel in ["Iteration latency", "Stall causes", "Memory handed back", "Stalls ("] {
+        assert!(screen.contains(panel), "no {panel} panel:\n{screen}");
+    }
+    assert!(screen.contains("p99"), "{screen}");
+    tmux.run(&["send-keys", "-t", "demo", "q"]);
+    let after = tmux.wait_for("exit", Duration::from_secs(20), |s| s.contains("demo-exit="));
+    assert!(after.contains("demo-exit=0"), "{after}");
+    assert!(after.contains("lost records"), "the summary is left on the normal screen:\n{after}");
+    assert_eq!(tmux.run(&["display", "-p", "-t", "demo", "#{alternate_on}"]).trim(), "0", "alternate screen left on");
+    assert_eq!(demo_servers(), 0, "the demo's server outlived it");
+}
