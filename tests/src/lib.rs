@@ -47,8 +47,16 @@ pub struct LoopServer {
 
 impl LoopServer {
     pub fn start(jemalloc: bool) -> Result<Self> {
-        let mut cmd = Command::new(stalltrace_bin());
-        cmd.args(["demo-server", "--port", "0"]).stdout(Stdio::piped());
+        Self::start_with(Command::new(stalltrace_bin()), jemalloc, 511)
+    }
+
+    /// In the namespace, with the given listen backlog.
+    pub fn start_in(ns: &Netns, backlog: u32) -> Result<Self> {
+        Self::start_with(ns.command(stalltrace_bin()), false, backlog)
+    }
+
+    fn start_with(mut cmd: Command, jemalloc: bool, backlog: u32) -> Result<Self> {
+        cmd.args(["demo-server", "--port", "0", "--backlog", &backlog.to_string()]).stdout(Stdio::piped());
         if jemalloc {
             cmd.env("LD_PRELOAD", JEMALLOC).env("MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0");
         }
@@ -207,13 +215,29 @@ fn wait_output(mut proc: Proc, timeout: Duration) -> Result<(bool, String)> {
 pub struct Redis {
     pub proc: Proc,
     pub port: u16,
+    /// The namespace's file when Redis runs in one: its commands are sent from there.
+    netns: Option<PathBuf>,
 }
 
 impl Redis {
     /// Starts `redis-server` with `extra` config arguments (`--name value` pairs) and `env`.
     pub fn start(extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
-        let port = free_port();
-        let child = Command::new("redis-server")
+        Self::start_with(Command::new("redis-server"), free_port(), None, extra, env)
+    }
+
+    /// In the namespace (its own, so the default port is free).
+    pub fn start_in(ns: &Netns, extra: &[&str]) -> Result<Self> {
+        Self::start_with(ns.command("redis-server"), 6379, Some(ns.path()), extra, &[])
+    }
+
+    fn start_with(
+        mut cmd: Command,
+        port: u16,
+        netns: Option<PathBuf>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let child = cmd
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--enable-debug-command", "yes", "--logfile", ""])
             .args(extra)
@@ -221,7 +245,7 @@ impl Redis {
             .stdout(Stdio::null())
             .spawn()
             .context("starting redis-server (cargo xtask setup installs it)")?;
-        let redis = Self { proc: Proc { child }, port };
+        let redis = Self { proc: Proc { child }, port, netns };
         let deadline = Instant::now() + Duration::from_secs(10);
         while redis.cmd(&["PING"]).is_err() {
             if Instant::now() > deadline {
@@ -234,6 +258,10 @@ impl Redis {
 
     /// Sends one command on a new connection and returns the raw reply.
     pub fn cmd(&self, args: &[&str]) -> Result<String> {
+        in_netns(self.netns.as_deref(), || self.cmd_here(args))
+    }
+
+    fn cmd_here(&self, args: &[&str]) -> Result<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         s.write_all(&resp(args))?;
@@ -254,4 +282,160 @@ pub fn resp(args: &[&str]) -> Vec<u8> {
         out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
     }
     out
+}
+
+/// A private network namespace with loopback up, held open by a `sleep` we stop by PID:
+/// kernel counters such as TcpExtListenOverflows are then the test's alone.
+pub struct Netns {
+    holder: Proc,
+}
+
+impl Netns {
+    pub fn new() -> Result<Self> {
+        let child = Command::new("unshare").args(["-n", "--", "sleep", "600"]).spawn().context("unshare -n")?;
+        let holder = Proc { child };
+        let ours = std::fs::read_link("/proc/self/ns/net")?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{}/ns/net", holder.pid())).ok().as_ref() == Some(&ours) {
+            if Instant::now() > deadline {
+                bail!("unshare did not make a new network namespace");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let ns = Self { holder };
+        ns.run("ip", &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A command that runs inside the namespace (nsenter execs it: the PID is the program's).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &self.holder.pid().to_string(), "-n", "--"]).arg(program);
+        cmd
+    }
+
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<()> {
+        let status = self.command(program).args(args).status()?;
+        if !status.success() {
+            bail!("{program} {args:?} in the namespace failed: {status}");
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.holder.pid()))
+    }
+
+    /// Runs `f` on a thread that joined the namespace: sockets it makes live there.
+    pub fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_netns(Some(&self.path()), f)
+    }
+
+    /// TcpExtListenOverflows of this namespace.
+    pub fn listen_overflows(&self) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/net/netstat", self.holder.pid())).expect("netstat");
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (names, values) = (lines.next().expect("names"), lines.next().expect("values"));
+        let idx = names.split_whitespace().position(|n| n == "ListenOverflows").expect("ListenOverflows");
+        values.split_whitespace().nth(idx).and_then(|v| v.parse().ok()).expect("a number")
+    }
+}
+
+/// Runs `f` here, or on a thread that joined the network namespace at `ns`.
+pub fn in_netns<T: Send>(ns: Option<&Path>, f: impl FnOnce() -> T + Send) -> T {
+    let Some(ns) = ns else { return f() };
+    thread::scope(|s| {
+        s.spawn(|| {
+            join_netns(ns);
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+fn join_netns(ns: &Path) {
+    let file = std::fs::File::open(ns).expect("netns file");
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// Raises this process's descriptor limit to its hard limit (bursts of connections need it).
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Clients that behave like a connection pool with short timeouts: each keeps one
+/// connection, sends a request every 50 ms, and on a 100 ms read timeout drops it and opens a
+/// new one, giving up on a connect after 200 ms (before the kernel would retry the SYN) to
+/// try again at once. A stalled server makes them reconnect all at once, over and over.
+pub struct Pool {
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Pool {
+    /// `request` is one request in the server's protocol; any reply counts.
+    pub fn start(ns: &Netns, port: u16, clients: usize, request: &'static [u8], run_for: Duration) -> Self {
+        let deadline = Instant::now() + run_for;
+        let threads = (0..clients)
+            .map(|i| {
+                let path = ns.path();
+                thread::spawn(move || {
+                    join_netns(&path);
+                    // Staggered, so that filling the pool is not itself a storm.
+                    thread::sleep(Duration::from_millis(15 * i as u64));
+                    pool_client(port, request, deadline);
+                })
+            })
+            .collect();
+        Self { threads }
+    }
+
+    /// Waits until the namespace's overflow counter has held still for a second.
+    pub fn settle(ns: &Netns) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = ns.listen_overflows();
+        let mut since = Instant::now();
+        while since.elapsed() < Duration::from_secs(1) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+            let now = ns.listen_overflows();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+    }
+
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn pool_client(port: u16, request: &[u8], deadline: Instant) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut conn: Option<TcpStream> = None;
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        if conn.is_none() {
+            conn = TcpStream::connect_timeout(&addr, left.min(Duration::from_millis(200))).ok();
+            if let Some(c) = &conn {
+                let _ = c.set_read_timeout(Some(Duration::from_millis(100)));
+            }
+            continue;
+        }
+        let c = conn.as_mut().expect("connected");
+        if c.write_all(request).is_err() || !matches!(c.read(&mut buf), Ok(n) if n > 0) {
+            conn = None;
+            continue;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -66,6 +66,8 @@ pub mod group {
     pub const SYSCALLS: u32 = 1 << 3;
     /// uprobes on the allocator's entry points.
     pub const ALLOC: u32 = 1 << 4;
+    /// Listening sockets: new connections, resets, accept-queue overflows.
+    pub const NET: u32 = 1 << 5;
 }
 
 /// Names of the globals userspace overrides at load time.
@@ -76,6 +78,24 @@ pub mod globals {
     pub const SCHED_NEXT_PID_OFF: &str = "SCHED_NEXT_PID_OFF";
     /// u64 syscall numbers of this architecture that raw_syscalls must leave to their own groups.
     pub const SKIP_SYSCALLS: &str = "SKIP_SYSCALLS";
+    /// u64 syscall numbers that set up or tear down connections (accept, close, epoll_ctl...).
+    pub const CONN_SYSCALLS: &str = "CONN_SYSCALLS";
+    /// u64 syscall numbers of accept and accept4 (u64::MAX where absent).
+    pub const ACCEPT_SYSCALLS: &str = "ACCEPT_SYSCALLS";
+    /// u64 offset of `skc_num` (the local port) in `struct sock`, from BTF.
+    pub const SKC_NUM_OFF: &str = "SKC_NUM_OFF";
+    /// u64 offsets of `sk_ack_backlog` and `sk_max_ack_backlog` in `struct sock`, from BTF.
+    pub const SK_ACK_BACKLOG_OFF: &str = "SK_ACK_BACKLOG_OFF";
+    pub const SK_MAX_ACK_BACKLOG_OFF: &str = "SK_MAX_ACK_BACKLOG_OFF";
+    /// u64 value of SKB_DROP_REASON_TCP_LISTEN_OVERFLOW on this kernel, and the offsets of
+    /// `reason` and `rx_sk` in the kfree_skb record (all from tracefs: they vary by kernel).
+    pub const LISTEN_OVERFLOW_REASON: &str = "LISTEN_OVERFLOW_REASON";
+    pub const KFREE_REASON_OFF: &str = "KFREE_REASON_OFF";
+    pub const KFREE_RX_SK_OFF: &str = "KFREE_RX_SK_OFF";
+    /// u64 offset of the local port in the tcp_send_reset record, and whether it is a
+    /// network-order port inside a sockaddr (1) or a host-order `sport` field (0).
+    pub const RST_SPORT_OFF: &str = "RST_SPORT_OFF";
+    pub const RST_SPORT_IN_SOCKADDR: &str = "RST_SPORT_IN_SOCKADDR";
 }
 
 /// Map names.
@@ -85,10 +105,14 @@ pub mod maps {
     pub const ITER_HIST: &str = "ITER_HIST";
     pub const STALLS: &str = "STALLS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const LISTENERS: &str = "LISTENERS";
+    pub const TARGET_STATS: &str = "TARGET_STATS";
 }
 
 /// Number of syscall numbers in `SKIP_SYSCALLS`.
 pub const SKIP_SYSCALLS_LEN: usize = 8;
+/// Number of syscall numbers in `CONN_SYSCALLS`.
+pub const CONN_SYSCALLS_LEN: usize = 12;
 
 /// Indices of the per-CPU `COUNTERS` array.
 pub mod counter {
@@ -108,6 +132,14 @@ pub mod tp {
     pub const SYS_ENTER_ARG1: usize = 24;
     pub const SYS_ENTER_ARG2: usize = 32;
     pub const RAW_SYS_ID: usize = 8;
+    /// inet_sock_set_state: oldstate, newstate (i32), sport, protocol (u16, host order).
+    pub const SET_STATE_OLDSTATE: usize = 16;
+    pub const SET_STATE_NEWSTATE: usize = 20;
+    pub const SET_STATE_SPORT: usize = 24;
+    pub const SET_STATE_PROTOCOL: usize = 30;
+    /// tcp_receive_reset: sport (u16, host order).
+    pub const RECV_RESET_SPORT: usize = 16;
+
     pub const SYS_EXIT_RET: usize = 16;
     pub const PROCESS_EXIT_PID: usize = 24;
 }
@@ -152,8 +184,13 @@ pub struct Components {
     /// Off-CPU while blocked (sleeping, waiting for I/O or a lock), same exclusions.
     pub blocked_ns: u64,
     pub syscall_calls: u64,
-    /// On-CPU time in syscalls other than epoll and the purge group's.
+    /// On-CPU time in syscalls other than epoll, the purge group's and the connection ones.
     pub syscall_ns: u64,
+    /// Connection set-up and tear-down syscalls (accept, close, epoll_ctl, setsockopt...):
+    /// calls, on-CPU time, and connections accepted.
+    pub conn_calls: u64,
+    pub conn_ns: u64,
+    pub accepts: u64,
     /// Syscall number + 1 (0: empty slot) of the costliest other syscalls, by wall time
     /// (off-CPU included, so the syscall a thread slept in shows up).
     pub top_nr: [u32; TOP_SYSCALLS],
@@ -171,6 +208,31 @@ pub struct StallEvent {
     pub start_ns: u64,
     pub duration_ns: u64,
     pub parts: Components,
+}
+
+/// Per-listening-port counters, keyed by local port in the per-CPU `LISTENERS` map (userspace
+/// inserts the target's ports; the kernel only counts). Monotonic: userspace takes deltas.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ListenerCounters {
+    /// Passive opens that completed (SYN_RECV -> ESTABLISHED).
+    pub established: u64,
+    pub rst_sent: u64,
+    pub rst_received: u64,
+    /// Final ACKs dropped because the accept queue was full (kfree_skb TCP_LISTEN_OVERFLOW).
+    pub ack_overflows: u64,
+    /// SYNs that reached the listener, and those dropped on a full accept queue: only where
+    /// fentry on tcp_conn_request is allowed.
+    pub syns: u64,
+    pub syn_overflows: u64,
+}
+
+/// Per-target counters, keyed by tgid in the per-CPU `TARGET_STATS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TargetStats {
+    /// Successful accept/accept4 calls by the target's loop threads.
+    pub accepts: u64,
 }
 
 /// `ThreadState::flags` bits.
@@ -231,6 +293,8 @@ mod pod {
     unsafe impl aya::Pod for super::StallEvent {}
     unsafe impl aya::Pod for super::ThreadState {}
     unsafe impl aya::Pod for super::IterHist {}
+    unsafe impl aya::Pod for super::ListenerCounters {}
+    unsafe impl aya::Pod for super::TargetStats {}
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 mod alloc;
 mod iteration;
+mod listen;
 mod purge;
 mod sched;
 mod state;

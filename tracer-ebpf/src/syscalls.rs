@@ -1,7 +1,11 @@
 //! Syscalls group: on-CPU time in every syscall other than epoll and the purge group's (those
 //! have programs of their own), with the costliest syscalls of the iteration by wall time.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use tracer_common::{Components, SKIP_SYSCALLS_LEN, TOP_SYSCALLS, tp};
+use aya_ebpf::{
+    macros::{map, tracepoint},
+    maps::PerCpuHashMap,
+    programs::TracePointContext,
+};
+use tracer_common::{CONN_SYSCALLS_LEN, Components, SKIP_SYSCALLS_LEN, TOP_SYSCALLS, TargetStats, tp};
 
 use crate::state::{current_iteration, current_thread, now};
 
@@ -9,6 +13,17 @@ use crate::state::{current_iteration, current_thread, now};
 /// u64::MAX marks an unused slot.
 #[unsafe(no_mangle)]
 static SKIP_SYSCALLS: [u64; SKIP_SYSCALLS_LEN] = [u64::MAX; SKIP_SYSCALLS_LEN];
+
+/// Connection set-up and tear-down syscalls, accounted apart from the others.
+#[unsafe(no_mangle)]
+static CONN_SYSCALLS: [u64; CONN_SYSCALLS_LEN] = [u64::MAX; CONN_SYSCALLS_LEN];
+
+#[unsafe(no_mangle)]
+static ACCEPT_SYSCALLS: [u64; 2] = [u64::MAX; 2];
+
+/// Accepts per target, for the accept rate; userspace inserts the entry.
+#[map]
+pub static TARGET_STATS: PerCpuHashMap<u32, TargetStats> = PerCpuHashMap::with_max_entries(1024, 0);
 
 #[tracepoint]
 pub fn sys_enter(ctx: TracePointContext) -> u32 {
@@ -24,27 +39,51 @@ pub fn sys_enter(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint]
-pub fn sys_exit(_ctx: TracePointContext) -> u32 {
+pub fn sys_exit(ctx: TracePointContext) -> u32 {
     let Some(s) = current_thread() else { return 0 };
     if s.sys_start_ns == 0 {
         return 0;
     }
     let wall = now().saturating_sub(s.sys_start_ns);
     s.sys_start_ns = 0;
-    s.parts.syscall_calls += 1;
     // Off-CPU time inside the call is the sched group's; the ranking keeps it so the syscall
     // a thread slept in is named.
-    s.parts.syscall_ns += wall.saturating_sub(s.sys_off_ns);
-    add_top(&mut s.parts, s.sys_nr, wall);
+    let on_cpu = wall.saturating_sub(s.sys_off_ns);
+    let nr = s.sys_nr;
+    if contains(&unsafe { core::ptr::read_volatile(&CONN_SYSCALLS) }, nr) {
+        s.parts.conn_calls += 1;
+        s.parts.conn_ns += on_cpu;
+        let accepted = unsafe { ctx.read_at::<i64>(tp::SYS_EXIT_RET) }.is_ok_and(|fd| fd >= 0);
+        if accepted && contains(&unsafe { core::ptr::read_volatile(&ACCEPT_SYSCALLS) }, nr) {
+            s.parts.accepts += 1;
+            count_accept(s.tgid);
+        }
+    } else {
+        s.parts.syscall_calls += 1;
+        s.parts.syscall_ns += on_cpu;
+    }
+    add_top(&mut s.parts, nr, wall);
     0
 }
 
 #[inline(always)]
+fn count_accept(tgid: u32) {
+    if let Some(t) = TARGET_STATS.get_ptr_mut(tgid) {
+        // SAFETY: per-CPU value.
+        unsafe { (*t).accepts += 1 };
+    }
+}
+
+#[inline(always)]
 fn skipped(nr: u64) -> bool {
-    let skip = unsafe { core::ptr::read_volatile(&SKIP_SYSCALLS) };
+    contains(&unsafe { core::ptr::read_volatile(&SKIP_SYSCALLS) }, nr)
+}
+
+#[inline(always)]
+fn contains<const N: usize>(set: &[u64; N], nr: u64) -> bool {
     let mut i = 0;
-    while i < SKIP_SYSCALLS_LEN {
-        if skip[i] == nr {
+    while i < N {
+        if set[i] == nr {
             return true;
         }
         i += 1;

@@ -8,6 +8,7 @@ use std::{
 use crate::{
     attribution::{Stall, Verdict},
     histogram::Histogram,
+    net::{Sample, storm::Storm},
 };
 
 /// Stalls kept for the views; the summary counts every one.
@@ -30,6 +31,20 @@ pub struct InProgress {
     pub elapsed_ns: u64,
 }
 
+/// How far back the live view's connection-rate sparkline reaches.
+pub const RATE_HISTORY_NS: u64 = 6_000_000_000;
+
+/// A listening socket as the live view shows it.
+pub struct ListenerView {
+    pub name: String,
+    pub queue: u32,
+    pub backlog: u32,
+    /// Overflows and new connections over the history shown.
+    pub overflows: u64,
+    /// New connections per 100 ms, oldest first.
+    pub rates: Vec<u64>,
+}
+
 pub struct App {
     pub pid: u32,
     pub comm: String,
@@ -40,6 +55,8 @@ pub struct App {
     pub threads: Vec<ThreadView>,
     pub in_progress: Vec<InProgress>,
     pub lost: u64,
+    pub storms: Vec<Storm>,
+    pub listeners: Vec<ListenerView>,
 }
 
 impl App {
@@ -54,6 +71,8 @@ impl App {
             threads: Vec::new(),
             in_progress: Vec::new(),
             lost: 0,
+            storms: Vec::new(),
+            listeners: Vec::new(),
         }
     }
 
@@ -85,4 +104,30 @@ impl App {
     pub fn purge_bytes(&self) -> u64 {
         self.threads.iter().map(|t| t.purge_bytes).sum()
     }
+}
+
+/// Listener views from the recent samples: queue now, and attempts per 100 ms.
+pub fn listener_views(samples: &[Sample]) -> Vec<ListenerView> {
+    let Some(last) = samples.last() else { return Vec::new() };
+    last.listeners
+        .iter()
+        .map(|l| {
+            let series: Vec<_> = samples.iter().filter_map(|s| s.listeners.iter().find(|o| o.key == l.key)).collect();
+            let first = series.first().copied().unwrap_or(l);
+            let rates = series
+                .chunks(10)
+                .map(|c| {
+                    let (a, b) = (c[0], c[c.len() - 1]);
+                    b.counters.established.saturating_sub(a.counters.established) + b.drops.saturating_sub(a.drops)
+                })
+                .collect();
+            ListenerView {
+                name: l.key.to_string(),
+                queue: l.queue,
+                backlog: l.backlog,
+                overflows: l.drops.saturating_sub(first.drops),
+                rates,
+            }
+        })
+        .collect()
 }

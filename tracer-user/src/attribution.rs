@@ -3,6 +3,8 @@
 use serde::Serialize;
 use tracer_common::{StallEvent, TOP_SYSCALLS};
 
+use crate::net::StallNet;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
@@ -14,7 +16,13 @@ pub enum Verdict {
     Syscall,
     /// On CPU in the application's own code: what no probe covers.
     AppCode,
+    /// Accepting, setting up and closing a burst of connections.
+    ConnectionStorm,
 }
+
+/// An iteration that accepted at least this many connections was handling a burst: its own
+/// code's time is taken to be connection set-up.
+pub const BURST_ACCEPTS: u64 = 32;
 
 impl Verdict {
     pub fn as_str(self) -> &'static str {
@@ -23,6 +31,7 @@ impl Verdict {
             Verdict::OffCpu => "off_cpu",
             Verdict::Syscall => "syscall",
             Verdict::AppCode => "app_code",
+            Verdict::ConnectionStorm => "connection_storm",
         }
     }
 }
@@ -56,12 +65,21 @@ pub struct Syscalls {
     pub by_name: Vec<(String, u64)>,
 }
 
+#[derive(Clone, Debug, Serialize)]
+pub struct Connections {
+    /// accept, close, epoll_ctl, setsockopt... calls and their on-CPU time.
+    pub calls: u64,
+    pub ns: u64,
+    pub accepts: u64,
+}
+
 /// Percent of the stall each cause explains; they add up to 100 (app_code is the remainder).
 #[derive(Clone, Debug, Serialize)]
 pub struct Shares {
     pub allocator_purge: f64,
     pub off_cpu: f64,
     pub syscall: f64,
+    pub connection_storm: f64,
     pub app_code: f64,
 }
 
@@ -83,8 +101,12 @@ pub struct Stall {
     pub alloc: Alloc,
     pub off_cpu: OffCpu,
     pub syscalls: Syscalls,
+    pub connections: Connections,
     pub app_code_ns: u64,
     pub shares: Shares,
+    /// The target's listeners during the stall and just after; set once the window is sampled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net: Option<StallNet>,
 }
 
 pub fn attribute(ev: &StallEvent) -> Stall {
@@ -92,12 +114,19 @@ pub fn attribute(ev: &StallEvent) -> Stall {
     let duration = ev.duration_ns.max(1);
     let purge = p.madvise_ns + p.munmap_ns + p.mremap_ns + p.alloc_ns;
     let off_cpu = p.runnable_ns + p.blocked_ns;
-    let covered = purge + off_cpu + p.syscall_ns;
-    let app = duration.saturating_sub(covered);
+    let measured = purge + off_cpu + p.syscall_ns + p.conn_ns;
+    let mut app = duration.saturating_sub(measured);
+    let mut conn = p.conn_ns;
+    if p.accepts >= BURST_ACCEPTS {
+        conn += app;
+        app = 0;
+    }
+    let covered = measured.max(purge + off_cpu + p.syscall_ns + conn);
     let candidates = [
         (Verdict::AllocatorPurge, purge),
         (Verdict::OffCpu, off_cpu),
         (Verdict::Syscall, p.syscall_ns),
+        (Verdict::ConnectionStorm, conn),
         (Verdict::AppCode, app),
     ];
     // Ties go to the first listed: a measured cause beats the unexplained remainder.
@@ -127,13 +156,16 @@ pub fn attribute(ev: &StallEvent) -> Stall {
             top: by_name.first().map(|(n, _)| n.clone()),
             by_name,
         },
+        connections: Connections { calls: p.conn_calls, ns: p.conn_ns, accepts: p.accepts },
         app_code_ns: app,
         shares: Shares {
             allocator_purge: pct(purge),
             off_cpu: pct(off_cpu),
             syscall: pct(p.syscall_ns),
+            connection_storm: pct(conn),
             app_code: pct(app),
         },
+        net: None,
     }
 }
 
@@ -184,6 +216,16 @@ mod tests {
         let s = attribute(&event(1000, Components { blocked_ns: 100, syscall_ns: 50, ..Default::default() }));
         assert_eq!(s.verdict, Verdict::AppCode);
         assert_eq!(s.explained_pct, 85.0);
+    }
+
+    #[test]
+    fn a_burst_of_accepts_is_a_connection_storm() {
+        let parts = Components { conn_ns: 400, accepts: 5000, syscall_ns: 100, ..Default::default() };
+        let s = attribute(&event(1000, parts));
+        assert_eq!(s.verdict, Verdict::ConnectionStorm);
+        assert_eq!(s.explained_pct, 90.0, "connection syscalls plus the loop's own code");
+        let few = attribute(&event(1000, Components { conn_ns: 400, accepts: 3, ..Default::default() }));
+        assert_eq!(few.verdict, Verdict::AppCode);
     }
 
     #[test]

@@ -56,9 +56,12 @@ pub struct CommonArgs {
     /// In text mode, print iteration histograms this often.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub interval: Duration,
-    /// Probe groups: a comma list of loop, purge, sched, syscalls, alloc; or "default", "all".
+    /// Probe groups: a comma list of loop, purge, sched, syscalls, net, alloc; or "default", "all".
     #[arg(long, default_value = "default", value_parser = parse_groups)]
     pub probes: u32,
+    /// Connection attempts per second on one listener that make a storm (any overflow does too).
+    #[arg(long, default_value_t = 1000)]
+    pub storm_rate: u64,
     /// Allocator functions the alloc group probes (wherever the target's allocator defines them).
     #[arg(long, value_delimiter = ',', default_value = "realloc")]
     pub alloc_funcs: Vec<String>,
@@ -75,10 +78,13 @@ pub struct DemoServerArgs {
     /// Port on 127.0.0.1 to listen on (0: any free port, printed on stdout).
     #[arg(long, default_value_t = 0)]
     pub port: u16,
+    /// listen(2) backlog: the accept queue's length (capped by net.core.somaxconn).
+    #[arg(long, default_value_t = 511)]
+    pub backlog: i32,
 }
 
 /// Default groups: what the measurements say costs the traced server nothing noticeable.
-pub const DEFAULT_GROUPS: u32 = group::LOOP | group::PURGE | group::SCHED | group::SYSCALLS;
+pub const DEFAULT_GROUPS: u32 = group::LOOP | group::PURGE | group::SCHED | group::SYSCALLS | group::NET;
 pub const ALL_GROUPS: u32 = DEFAULT_GROUPS | group::ALLOC;
 
 pub fn parse_groups(s: &str) -> Result<u32> {
@@ -92,7 +98,8 @@ pub fn parse_groups(s: &str) -> Result<u32> {
             "sched" => group::SCHED,
             "syscalls" => group::SYSCALLS,
             "alloc" => group::ALLOC,
-            other => bail!("unknown probe group {other:?} (loop, purge, sched, syscalls, alloc, default, all)"),
+            "net" => group::NET,
+            other => bail!("unknown probe group {other:?} (loop, purge, sched, syscalls, net, alloc, default, all)"),
         };
     }
     Ok(groups)

@@ -5,6 +5,7 @@ mod cli;
 mod demo;
 mod flame;
 mod histogram;
+mod net;
 mod probes;
 mod report;
 mod session;
@@ -48,7 +49,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Demo(args)) => demo::run(&args.common),
-        Some(Command::DemoServer(args)) => demo::server::serve(args.port),
+        Some(Command::DemoServer(args)) => demo::server::serve(args.port, args.backlog),
         None => {
             let Some(pid) = cli.trace.pid else {
                 bail!("no target process: give -p PID (or try `stalltrace demo`)");
@@ -64,6 +65,7 @@ pub fn trace(pid: u32, common: &CommonArgs) -> Result<()> {
         threshold_ns: common.threshold.as_nanos() as u64,
         duration: common.duration,
         probes: ProbeConfig { groups: common.probes, alloc_funcs: common.alloc_funcs.clone() },
+        storm_rate: common.storm_rate,
     };
     let mut session = Session::attach(&opts)?;
     if common.json {
@@ -71,7 +73,7 @@ pub fn trace(pid: u32, common: &CommonArgs) -> Result<()> {
     } else if !common.no_tui && std::io::stdout().is_terminal() {
         tui::run(&mut session)?;
         // The live view is gone with the alternate screen: leave the summary behind.
-        report::Reporter::new(Format::Human).summary(&session.app);
+        report::Reporter::new(Format::Human).summary(&session);
     } else {
         report::run(&mut session, Format::Human, Some(common.interval))?;
     }

@@ -12,7 +12,8 @@ use crate::{
     app::App,
     attribution::{Stall, Verdict},
     histogram::{Bucket, Histogram, Percentiles, human_bytes, human_ns},
-    session::Session,
+    net::{ListenerSample, NetDelta, storm::Storm},
+    session::{Event, Session},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,8 +40,43 @@ struct Summary<'a> {
     iterations: u64,
     stalls: u64,
     by_verdict: &'a BTreeMap<Verdict, u64>,
+    storms: usize,
     lost: u64,
     threads: Vec<ThreadSummary<'a>>,
+    listeners: Vec<ListenerSummary>,
+    /// TcpExtListenOverflows of the target's namespace over the session: the cross-check for
+    /// the listeners' overflows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netns_listen_overflows: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ListenerSummary {
+    listener: String,
+    backlog: u32,
+    #[serde(flatten)]
+    totals: NetDelta,
+}
+
+fn listener_summaries(per: &[(ListenerSample, NetDelta)]) -> Vec<ListenerSummary> {
+    per.iter()
+        .map(|(l, d)| ListenerSummary { listener: l.key.to_string(), backlog: l.backlog, totals: d.clone() })
+        .collect()
+}
+
+fn net_text(net: Option<&(Vec<(ListenerSample, NetDelta)>, u64)>) -> String {
+    let Some((per, netns)) = net else { return String::new() };
+    let mut out = String::new();
+    for (l, d) in per {
+        out += &format!(
+            "\n   listener {} (backlog {}): {} new connections, {} overflows ({} SYN, {} final ACK), {} RSTs sent, {} received, queue max {}\n",
+            l.key, l.backlog, d.new_connections, d.overflows, d.syn_drops, d.ack_overflows, d.rst_sent, d.rst_received, d.max_queue
+        );
+    }
+    if !per.is_empty() {
+        out += &format!("   the namespace's TcpExtListenOverflows rose by {netns}\n");
+    }
+    out
 }
 
 /// The line-oriented front end: a record per stall as it arrives, text histograms every
@@ -52,8 +88,8 @@ pub fn run(session: &mut Session, format: Format, interval: Option<Duration>) ->
     let mut next_tick = interval.map(|i| Instant::now() + i);
     let reason = loop {
         session.wait(Duration::from_millis(100));
-        for s in session.drain() {
-            reporter.stall(&s);
+        for e in session.drain(false) {
+            reporter.event(&e);
         }
         if let Some(reason) = session.finished() {
             break reason;
@@ -67,12 +103,12 @@ pub fn run(session: &mut Session, format: Format, interval: Option<Duration>) ->
             next_tick = Some(tick + every);
         }
     };
-    for s in session.drain() {
-        reporter.stall(&s);
-    }
     session.refresh()?;
+    for e in session.drain(true) {
+        reporter.event(&e);
+    }
     reporter.note(&format!("stopping: {reason}"));
-    reporter.summary(&session.app);
+    reporter.summary(session);
     Ok(())
 }
 
@@ -92,12 +128,35 @@ impl Reporter {
         Self { format, wall_offset_ns: clock_ns(libc::CLOCK_REALTIME) as i128 - clock_ns(libc::CLOCK_MONOTONIC) as i128 }
     }
 
-    pub fn stall(&self, s: &Stall) {
-        let line = match self.format {
-            Format::Json => serde_json::to_string(s).expect("stall serializes"),
-            Format::Human => self.stall_line(s),
+    pub fn event(&self, e: &Event) {
+        let line = match (self.format, e) {
+            (Format::Json, Event::Stall(s)) => serde_json::to_string(s).expect("stall serializes"),
+            (Format::Json, Event::Storm(s)) => serde_json::to_string(s).expect("storm serializes"),
+            (Format::Human, Event::Stall(s)) => self.stall_line(s),
+            (Format::Human, Event::Storm(s)) => self.storm_line(s),
         };
         print_line(&line);
+    }
+
+    fn storm_line(&self, s: &Storm) -> String {
+        let wall = (s.start_ns as i128 + self.wall_offset_ns) as u64;
+        let cause = match &s.stall {
+            Some(st) => format!("caused by the stall of thread {} ({})", st.tid, human_ns(st.duration_ns)),
+            None => "external".to_string(),
+        };
+        format!(
+            "{} STORM on {} for {}: peak {}/s, {} new connections, {} overflows ({} SYNs dropped), {} RSTs sent, queue max {}/{} | {cause}",
+            wall_clock(wall),
+            s.listener,
+            human_ns(s.duration_ns),
+            s.peak_rate,
+            s.net.new_connections,
+            s.net.overflows,
+            s.net.syn_drops,
+            s.net.rst_sent,
+            s.net.max_queue,
+            s.backlog
+        )
     }
 
     pub fn note(&self, msg: &str) {
@@ -138,7 +197,19 @@ impl Reporter {
         if let Some(top) = &s.syscalls.top {
             line += &format!(" (top {top})");
         }
-        line + &format!(" app {}", human_ns(s.app_code_ns))
+        if s.connections.accepts > 0 {
+            line += &format!(" conns {} ({} accepted)", human_ns(s.connections.ns), s.connections.accepts);
+        }
+        line += &format!(" app {}", human_ns(s.app_code_ns));
+        if let Some(net) = &s.net
+            && (net.during.overflows + net.after.overflows + net.during.new_connections + net.after.new_connections) > 0
+        {
+            line += &format!(
+                " | net: {} overflows, {} new conns during; {} overflows, {} new conns in 500ms after",
+                net.during.overflows, net.during.new_connections, net.after.overflows, net.after.new_connections
+            );
+        }
+        line
     }
 
     /// Text mode's periodic view: each thread's iterations since the previous interval.
@@ -161,7 +232,9 @@ impl Reporter {
         print_line(&out);
     }
 
-    pub fn summary(&self, app: &App) {
+    pub fn summary(&self, session: &Session) {
+        let app = &session.app;
+        let net = session.net_totals();
         let traced_ns = app.started.elapsed().as_nanos() as u64;
         match self.format {
             Format::Json => {
@@ -176,6 +249,7 @@ impl Reporter {
                         histogram: t.iter.buckets(),
                     })
                     .collect();
+                let listeners = net.as_ref().map(|(per, _)| listener_summaries(per)).unwrap_or_default();
                 let s = Summary {
                     kind: "summary",
                     pid: app.pid,
@@ -183,12 +257,15 @@ impl Reporter {
                     iterations: app.iterations(),
                     stalls: app.stall_count(),
                     by_verdict: &app.by_verdict,
+                    storms: app.storms.len(),
                     lost: app.lost,
                     threads,
+                    listeners,
+                    netns_listen_overflows: net.as_ref().map(|(_, n)| *n),
                 };
                 print_line(&serde_json::to_string(&s).expect("summary serializes"));
             }
-            Format::Human => print_line(&summary_text(app, traced_ns)),
+            Format::Human => print_line(&(summary_text(app, traced_ns) + &net_text(net.as_ref()))),
         }
     }
 }

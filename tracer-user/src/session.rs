@@ -10,13 +10,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData, RingBuf};
-use tracer_common::{IterHist, StallEvent, ThreadState, maps};
+use aya::maps::{HashMap, MapData, PerCpuHashMap, RingBuf};
+use tracer_common::{IterHist, StallEvent, ThreadState, group, maps};
 
 use crate::{
     app::{App, InProgress, ThreadView},
     attribution::{self, Stall, comm_str},
     histogram::{Histogram, human_ns},
+    net::{
+        AFTER_STALL_NS, NetDelta, NetMonitor,
+        storm::{Storm, StormDetector},
+    },
     probes::{ProbeConfig, Probes},
     report::clock_ns,
     target::{self, Target},
@@ -27,12 +31,30 @@ pub struct TraceOptions {
     pub threshold_ns: u64,
     pub duration: Option<Duration>,
     pub probes: ProbeConfig,
+    /// Connection attempts per second on one listener that make a storm.
+    pub storm_rate: u64,
+}
+
+/// What the front ends print.
+pub enum Event {
+    Stall(Stall),
+    Storm(Storm),
+}
+
+/// The net group's part of a session.
+struct Net {
+    monitor: NetMonitor,
+    storms: StormDetector,
+    fed_ns: u64,
+    /// Stalls waiting for the 500 ms after them to be sampled.
+    pending: Vec<Stall>,
 }
 
 pub struct Session {
     probes: Probes,
     ring: RingBuf<MapData>,
     target: Target,
+    net: Option<Net>,
     pub app: App,
     stop: Arc<AtomicBool>,
     deadline: Option<Instant>,
@@ -52,18 +74,23 @@ impl Session {
             signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handler")?;
         }
         let ring = RingBuf::try_from(probes.ebpf.take_map(maps::STALLS).context("STALLS map")?)?;
+        let net = if opts.probes.groups & group::NET != 0 { Some(start_net(&mut probes, &target, opts)?) } else { None };
         let app = App::new(target.pid, target.comm.clone(), opts.threshold_ns);
-        Ok(Self { probes, ring, target, app, stop, deadline: opts.duration.map(|d| Instant::now() + d) })
+        Ok(Self { probes, ring, target, net, app, stop, deadline: opts.duration.map(|d| Instant::now() + d) })
     }
 
     pub fn banner(&self) -> String {
-        format!(
+        let mut text = format!(
             "tracing PID {} ({}), stalls >= {}; probes: {}",
             self.target.pid,
             self.target.comm,
             human_ns(self.app.threshold_ns),
             self.probes.attached.join(", ")
-        )
+        );
+        for note in &self.probes.notes {
+            text += &format!("\nstalltrace: note: {note}");
+        }
+        text
     }
 
     /// Why the session should end now, if it should.
@@ -90,9 +117,10 @@ impl Session {
         unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
     }
 
-    /// Attributes and records every stall waiting in the ring buffer; returns them too.
-    pub fn drain(&mut self) -> Vec<Stall> {
-        let mut out = Vec::new();
+    /// Everything ready to report: stalls (with their net window once it is sampled) and
+    /// storms that ended. `flush` releases what would otherwise still wait.
+    pub fn drain(&mut self, flush: bool) -> Vec<Event> {
+        let mut stalls = Vec::new();
         while let Some(item) = self.ring.next() {
             if item.len() < size_of::<StallEvent>() {
                 continue;
@@ -100,12 +128,24 @@ impl Session {
             // SAFETY: the kernel wrote a whole StallEvent; the ring buffer only guarantees
             // 8-byte alignment, so read it unaligned.
             let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StallEvent>()) };
-            out.push(attribution::attribute(&ev));
+            stalls.push(attribution::attribute(&ev));
         }
-        for s in &out {
-            self.app.record(s.clone());
+        let events = match self.net.as_mut() {
+            None => stalls.into_iter().map(Event::Stall).collect(),
+            Some(net) => net.advance(stalls, &self.app, self.target.pid, flush),
+        };
+        for e in &events {
+            match e {
+                Event::Stall(s) => self.app.record(s.clone()),
+                Event::Storm(s) => self.app.storms.push(s.clone()),
+            }
         }
-        out
+        events
+    }
+
+    /// Per-listener totals and the namespace's ListenOverflows delta, when the net group runs.
+    pub fn net_totals(&self) -> Option<(Vec<(crate::net::ListenerSample, NetDelta)>, u64)> {
+        self.net.as_ref().map(|n| n.monitor.totals())
     }
 
     /// Copies the kernel's histograms, in-progress iterations and lost count into the App.
@@ -113,7 +153,15 @@ impl Session {
         self.app.threads = self.thread_views()?;
         self.app.in_progress = self.in_progress()?;
         self.app.lost = self.probes.lost_stalls();
+        self.refresh_listeners();
         Ok(())
+    }
+
+    fn refresh_listeners(&mut self) {
+        if let Some(net) = &self.net {
+            let since = clock_ns(libc::CLOCK_MONOTONIC).saturating_sub(crate::app::RATE_HISTORY_NS);
+            self.app.listeners = crate::app::listener_views(&net.monitor.samples_since(since));
+        }
     }
 
     fn thread_views(&self) -> Result<Vec<ThreadView>> {
@@ -151,4 +199,61 @@ impl Session {
             .map(|(tid, elapsed_ns)| InProgress { tid, comm: comm_of(tid).unwrap_or_default(), elapsed_ns })
             .collect())
     }
+}
+
+fn start_net(probes: &mut Probes, target: &Target, opts: &TraceOptions) -> Result<Net> {
+    let take = |probes: &mut Probes, name| probes.ebpf.take_map(name).with_context(|| format!("{name} map"));
+    let listeners = PerCpuHashMap::try_from(take(probes, maps::LISTENERS)?)?;
+    let stats = PerCpuHashMap::try_from(take(probes, maps::TARGET_STATS)?)?;
+    let counts_syns = probes.counts_syns();
+    let monitor = NetMonitor::start(target.pid, listeners, stats, counts_syns)?;
+    let fed_ns = monitor.latest_ns();
+    Ok(Net { monitor, storms: StormDetector::new(opts.storm_rate, counts_syns), fed_ns, pending: Vec::new() })
+}
+
+impl Net {
+    fn advance(&mut self, new: Vec<Stall>, app: &App, pid: u32, flush: bool) -> Vec<Event> {
+        self.pending.extend(new);
+        let mut out = Vec::new();
+        let samples = self.monitor.samples_since(self.fed_ns);
+        let mut spans: Vec<_> = samples.iter().flat_map(|s| self.storms.feed(s)).collect();
+        if let Some(last) = samples.last() {
+            self.fed_ns = last.t_ns;
+        }
+        let latest = self.monitor.latest_ns();
+        // A stall is reported once the 500 ms after it have been sampled.
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|s| flush || s.start_ns + s.duration_ns + AFTER_STALL_NS <= latest);
+        self.pending = waiting;
+        for mut s in ready {
+            s.net = Some(self.monitor.stall_net(s.start_ns, s.start_ns + s.duration_ns));
+            out.push(Event::Stall(s));
+        }
+        if flush {
+            spans.extend(self.storms.flush());
+        }
+        if !spans.is_empty() {
+            let stalls = known_stalls(app, &out, &self.pending);
+            for mut span in spans {
+                // Accepts are counted per process, not per listener.
+                span.delta.accepts = self.monitor.accepts_between(span.start_ns, span.end_ns);
+                out.push(Event::Storm(Storm::new(pid, span, &stalls)));
+            }
+        }
+        out
+    }
+}
+
+/// (start, end, tid) of every stall a storm could be linked to: reported, being reported now,
+/// waiting for their net window, and still in progress.
+fn known_stalls(app: &App, now: &[Event], pending: &[Stall]) -> Vec<(u64, u64, u32)> {
+    let reported = app.stalls.iter().chain(pending).chain(now.iter().filter_map(|e| match e {
+        Event::Stall(s) => Some(s),
+        Event::Storm(_) => None,
+    }));
+    let mut out: Vec<_> = reported.map(|s| (s.start_ns, s.start_ns + s.duration_ns, s.tid)).collect();
+    let now_ns = clock_ns(libc::CLOCK_MONOTONIC);
+    out.extend(app.in_progress.iter().map(|p| (now_ns - p.elapsed_ns, now_ns, p.tid)));
+    out
 }

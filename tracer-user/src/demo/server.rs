@@ -16,10 +16,11 @@ use anyhow::{Context as _, Result, bail};
 
 const LISTENER: u64 = u64::MAX;
 
-pub fn serve(port: u16) -> Result<()> {
+pub fn serve(port: u16, backlog: i32) -> Result<()> {
     // A name of its own, so stall lines and `ps` tell the server from the tracer.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"demo-loop".as_ptr()) };
-    let listener = TcpListener::bind(("127.0.0.1", port)).context("binding 127.0.0.1")?;
+    raise_fd_limit();
+    let listener = listen(port, backlog)?;
     listener.set_nonblocking(true)?;
     println!("{}", listener.local_addr()?.port());
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -45,6 +46,26 @@ pub fn serve(port: u16) -> Result<()> {
             } else if !serve_conn(&mut conns, token, &mut state) {
                 conns.remove(&token);
             }
+        }
+    }
+}
+
+/// A listener with the backlog asked for (std's bind always asks for 128).
+fn listen(port: u16, backlog: i32) -> Result<TcpListener> {
+    let listener = TcpListener::bind(("127.0.0.1", port)).context("binding 127.0.0.1")?;
+    if unsafe { libc::listen(listener.as_raw_fd(), backlog) } != 0 {
+        bail!("listen: {}", std::io::Error::last_os_error());
+    }
+    Ok(listener)
+}
+
+/// Bursts of thousands of connections need as many descriptors.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Loading the kernel programs and attaching them, one probe group at a time.
 pub mod alloc;
+pub mod btf;
 pub mod tracefs;
 
 use std::num::NonZeroU32;
@@ -10,7 +11,9 @@ use aya::{
     maps::{HashMap, PerCpuArray},
     programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
-use tracer_common::{SKIP_SYSCALLS_LEN, TargetConfig, counter, globals, group, maps};
+use tracer_common::{
+    CONN_SYSCALLS_LEN, SKIP_SYSCALLS_LEN, TargetConfig, TargetStats, counter, globals, group, maps,
+};
 
 use crate::target::Target;
 
@@ -26,6 +29,52 @@ pub struct Probes {
     pub ebpf: Ebpf,
     /// Human-readable list of what got attached, for the startup banner.
     pub attached: Vec<String>,
+    /// What this kernel could not do and what stands in for it.
+    pub notes: Vec<String>,
+    net: NetGlobals,
+}
+
+/// What the net group's programs need to know about this kernel.
+struct NetGlobals {
+    skc_num: u64,
+    ack_backlog: u64,
+    max_ack_backlog: u64,
+    /// u64::MAX when this kernel's kfree_skb has no TCP_LISTEN_OVERFLOW reason or no rx_sk.
+    overflow_reason: u64,
+    kfree_reason: u64,
+    kfree_rx_sk: u64,
+    rst_sport: u64,
+    rst_sport_in_sockaddr: u64,
+}
+
+impl NetGlobals {
+    fn read() -> Result<Self> {
+        let types = btf::KernelTypes::load()?;
+        let kfree = |f| tracefs::optional_field_offset("skb", "kfree_skb", f);
+        let (kfree_reason, kfree_rx_sk, reason) = match (
+            kfree("reason"),
+            kfree("rx_sk"),
+            tracefs::enum_value("skb", "kfree_skb", "TCP_LISTEN_OVERFLOW"),
+        ) {
+            (Some(r), Some(sk), Some(v)) => (r, sk, v),
+            _ => (0, 0, u64::MAX),
+        };
+        // 6.10 replaced tcp_send_reset's sport with a sockaddr (port in network order at +2).
+        let (rst_sport, in_sockaddr) = match tracefs::optional_field_offset("tcp", "tcp_send_reset", "sport") {
+            Some(off) => (off, 0),
+            None => (tracefs::optional_field_offset("tcp", "tcp_send_reset", "saddr").unwrap_or(u64::MAX - 2) + 2, 1),
+        };
+        Ok(Self {
+            skc_num: types.offset("sock", "__sk_common.skc_num")?,
+            ack_backlog: types.offset("sock", "sk_ack_backlog")?,
+            max_ack_backlog: types.offset("sock", "sk_max_ack_backlog")?,
+            overflow_reason: reason,
+            kfree_reason,
+            kfree_rx_sk,
+            rst_sport,
+            rst_sport_in_sockaddr: in_sockaddr,
+        })
+    }
 }
 
 impl Probes {
@@ -34,13 +83,26 @@ impl Probes {
         let prev_state = tracefs::field_offset("sched", "sched_switch", "prev_state")?;
         let next_pid = tracefs::field_offset("sched", "sched_switch", "next_pid")?;
         let skip = skip_syscalls(config.groups);
+        let conn = syscall_set::<CONN_SYSCALLS_LEN>(&CONN_NRS);
+        let accept = syscall_set::<2>(&ACCEPT_NRS);
+        let net = NetGlobals::read()?;
         let ebpf = EbpfLoader::new()
             .override_global(globals::SCHED_PREV_STATE_OFF, &prev_state, true)
             .override_global(globals::SCHED_NEXT_PID_OFF, &next_pid, true)
             .override_global(globals::SKIP_SYSCALLS, &skip, true)
+            .override_global(globals::CONN_SYSCALLS, &conn, true)
+            .override_global(globals::ACCEPT_SYSCALLS, &accept, true)
+            .override_global(globals::SKC_NUM_OFF, &net.skc_num, true)
+            .override_global(globals::SK_ACK_BACKLOG_OFF, &net.ack_backlog, true)
+            .override_global(globals::SK_MAX_ACK_BACKLOG_OFF, &net.max_ack_backlog, true)
+            .override_global(globals::LISTEN_OVERFLOW_REASON, &net.overflow_reason, true)
+            .override_global(globals::KFREE_REASON_OFF, &net.kfree_reason, true)
+            .override_global(globals::KFREE_RX_SK_OFF, &net.kfree_rx_sk, true)
+            .override_global(globals::RST_SPORT_OFF, &net.rst_sport, true)
+            .override_global(globals::RST_SPORT_IN_SOCKADDR, &net.rst_sport_in_sockaddr, true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer")))
             .context("loading the eBPF object")?;
-        Ok(Self { ebpf, attached: Vec::new() })
+        Ok(Self { ebpf, attached: Vec::new(), notes: Vec::new(), net })
     }
 
     /// Starts accounting `target`'s event-loop threads, reporting iterations >= threshold.
@@ -69,7 +131,45 @@ impl Probes {
         if config.groups & group::ALLOC != 0 {
             self.attach_alloc(target, &config.alloc_funcs)?;
         }
+        if config.groups & group::NET != 0 {
+            self.attach_net(target)?;
+        }
         Ok(())
+    }
+
+    fn attach_net(&mut self, target: &Target) -> Result<()> {
+        let mut stats: aya::maps::PerCpuHashMap<_, u32, TargetStats> =
+            aya::maps::PerCpuHashMap::try_from(self.ebpf.map_mut(maps::TARGET_STATS).context("TARGET_STATS")?)?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![TargetStats::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?])?;
+        stats.insert(target.pid, zero, 0)?;
+        self.tracepoint("conn_state", "sock", &["inet_sock_set_state"])?;
+        self.tracepoint("rst_sent", "tcp", &["tcp_send_reset"])?;
+        self.tracepoint("rst_received", "tcp", &["tcp_receive_reset"])?;
+        if self.net.overflow_reason == u64::MAX {
+            self.notes.push("kfree_skb has no TCP_LISTEN_OVERFLOW reason or rx_sk here (kernel < 6.10): final-ACK overflows are counted with SYN drops".into());
+        } else {
+            self.tracepoint("listen_drop", "skb", &["kfree_skb"])?;
+        }
+        if let Err(e) = self.attach_fentry("syn_request", "tcp_conn_request") {
+            self.notes.push(format!(
+                "fentry on tcp_conn_request unavailable ({e:#}): SYN overflows come from the listener's drop counter (sock_diag), sampled every 10ms"
+            ));
+        }
+        Ok(())
+    }
+
+    fn attach_fentry(&mut self, prog: &str, func: &str) -> Result<()> {
+        let btf = aya::Btf::from_sys_fs()?;
+        let p: &mut aya::programs::FEntry = program(&mut self.ebpf, prog)?.try_into()?;
+        p.load(func, &btf)?;
+        p.attach()?;
+        self.attached.push(format!("fentry:{func}"));
+        Ok(())
+    }
+
+    /// Whether SYNs and their overflows are counted exactly by fentry.
+    pub fn counts_syns(&self) -> bool {
+        self.attached.iter().any(|a| a == "fentry:tcp_conn_request")
     }
 
     fn attach_loop(&mut self) -> Result<()> {
@@ -140,6 +240,31 @@ impl Probes {
     pub fn lost_stalls(&self) -> u64 {
         self.counter(counter::LOST_STALLS).unwrap_or(0)
     }
+}
+
+/// Syscalls that set up or tear down a connection: time in them, in an iteration that accepted
+/// a burst, is a connection storm's.
+const CONN_NRS: [i64; 11] = [
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_close,
+    libc::SYS_shutdown,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_epoll_ctl,
+    libc::SYS_getpeername,
+    libc::SYS_getsockname,
+];
+const ACCEPT_NRS: [i64; 2] = [libc::SYS_accept, libc::SYS_accept4];
+
+fn syscall_set<const N: usize>(nrs: &[i64]) -> [u64; N] {
+    let mut set = [u64::MAX; N];
+    for (slot, nr) in set.iter_mut().zip(nrs) {
+        *slot = *nr as u64;
+    }
+    set
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {

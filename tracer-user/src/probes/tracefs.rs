@@ -30,6 +30,26 @@ pub fn field_offset(category: &str, name: &str, field: &str) -> Result<u64> {
     parse_offset(&text, field).ok_or_else(|| anyhow!("field {field} not found in {path}"))
 }
 
+/// Like `field_offset`, but None when the field does not exist on this kernel.
+pub fn optional_field_offset(category: &str, name: &str, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("{TRACEFS}/events/{category}/{name}/format")).ok()?;
+    parse_offset(&text, field)
+}
+
+/// The numeric value the print format gives a symbolic name, e.g. `{ 40, "TCP_LISTEN_OVERFLOW" }`
+/// in kfree_skb's reason table: the values move between kernel versions.
+pub fn enum_value(category: &str, name: &str, symbol: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("{TRACEFS}/events/{category}/{name}/format")).ok()?;
+    parse_enum_value(&text, symbol)
+}
+
+fn parse_enum_value(format: &str, symbol: &str) -> Option<u64> {
+    let quoted = format!("\"{symbol}\"");
+    let at = format.find(&quoted)?;
+    let open = format[..at].rfind('{')?;
+    format[open + 1..at].trim().trim_end_matches(',').trim().parse().ok()
+}
+
 pub fn exists(category: &str, name: &str) -> bool {
     Path::new(TRACEFS).join("events").join(category).join(name).exists()
 }
@@ -60,5 +80,13 @@ mod tests {
         assert_eq!(parse_offset(f, "next_pid"), Some(56));
         assert_eq!(parse_offset(f, "prev_comm"), Some(8));
         assert_eq!(parse_offset(f, "next_prio"), None);
+    }
+
+    #[test]
+    fn finds_enum_values_in_print_fmt() {
+        let f = r#"print fmt: "reason: %s", __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 40, "TCP_LISTEN_OVERFLOW" }, { 41, "TCP_OLD_SEQUENCE" })"#;
+        assert_eq!(super::parse_enum_value(f, "TCP_LISTEN_OVERFLOW"), Some(40));
+        assert_eq!(super::parse_enum_value(f, "NOT_SPECIFIED"), Some(2));
+        assert_eq!(super::parse_enum_value(f, "NOPE"), None);
     }
 }

@@ -13,9 +13,40 @@ use crate::{
 };
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App) {
-    let [causes, memory] = Layout::vertical([Constraint::Min(4), Constraint::Length(4)]).areas(area);
+    let listeners = if app.listeners.is_empty() { 0 } else { app.listeners.len().min(3) as u16 + 2 };
+    let [causes, net, memory] =
+        Layout::vertical([Constraint::Min(3), Constraint::Length(listeners), Constraint::Length(4)]).areas(area);
     draw_causes(f, causes, app);
+    draw_listeners(f, net, app);
     draw_memory(f, memory, app);
+}
+
+/// One line per listener: accept queue, overflows, and a connection-rate sparkline.
+fn draw_listeners(f: &mut Frame, area: Rect, app: &App) {
+    if area.height == 0 {
+        return;
+    }
+    let block = Block::bordered().title(" Listeners: queue, overflows, conns/100ms ");
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    let lines: Vec<Line> = app
+        .listeners
+        .iter()
+        .map(|l| {
+            let head = format!("{} q{}/{} ovf {} ", l.name, l.queue, l.backlog, l.overflows);
+            let room = (inner.width as usize).saturating_sub(head.chars().count());
+            let rates = &l.rates[l.rates.len().saturating_sub(room)..];
+            let style = Style::default().fg(if l.overflows > 0 { Color::Red } else { Color::Green });
+            Line::from(vec![Span::raw(head), Span::styled(sparkline(rates), style)])
+        })
+        .collect();
+    f.render_widget(Paragraph::new(lines), inner);
+}
+
+fn sparkline(values: &[u64]) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let max = values.iter().copied().max().unwrap_or(0).max(1);
+    values.iter().map(|&v| if v == 0 { ' ' } else { BARS[((v * 7) / max) as usize] }).collect()
 }
 
 fn draw_causes(f: &mut Frame, area: Rect, app: &App) {

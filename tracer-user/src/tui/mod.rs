@@ -64,12 +64,13 @@ fn event_loop(terminal: &mut DefaultTerminal, session: &mut Session) -> Result<(
     let mut next_refresh = Instant::now();
     loop {
         // Records are drained even while paused: pausing the screen must not lose stalls.
-        session.drain();
+        session.drain(false);
         if !view.paused && Instant::now() >= next_refresh {
             session.refresh()?;
             next_refresh = Instant::now() + REFRESH;
         }
         if session.finished().is_some() {
+            session.drain(true);
             return Ok(());
         }
         terminal.draw(|f| draw(f, &session.app, &view))?;
@@ -79,6 +80,8 @@ fn event_loop(terminal: &mut DefaultTerminal, session: &mut Session) -> Result<(
             && !handle_key(key.code, &session.app, &mut view)
         {
             session.request_stop();
+            session.drain(true);
+            return Ok(());
         }
     }
 }
@@ -130,7 +133,7 @@ fn write_flame(app: &App) -> Result<PathBuf> {
 fn draw(f: &mut Frame, app: &App, view: &View) {
     let [header, top, progress, table, footer] = Layout::vertical([
         Constraint::Length(1),
-        Constraint::Length(10),
+        Constraint::Length(if app.listeners.is_empty() { 10 } else { 12 }),
         Constraint::Length(u16::from(!app.in_progress.is_empty())),
         Constraint::Min(4),
         Constraint::Length(1),

@@ -34,6 +34,7 @@ pub fn top_frame(s: &Stall) -> String {
         Verdict::AllocatorPurge => "mremap".into(),
         Verdict::OffCpu | Verdict::Syscall => s.syscalls.top.clone().unwrap_or_else(|| "-".into()),
         Verdict::AppCode => "(own code)".into(),
+        Verdict::ConnectionStorm => format!("{} accepts", s.connections.accepts),
     }
 }
 
@@ -43,6 +44,7 @@ fn verdict_color(v: Verdict) -> Color {
         Verdict::OffCpu => Color::Yellow,
         Verdict::Syscall => Color::Blue,
         Verdict::AppCode => Color::Cyan,
+        Verdict::ConnectionStorm => Color::Magenta,
     }
 }
 
@@ -104,10 +106,25 @@ fn detail_lines(s: &Stall) -> Vec<Line<'static>> {
         )),
         Line::from(format!("{} syscall: {} on CPU in {} calls", pct(s.shares.syscall), human_ns(s.syscalls.ns), s.syscalls.calls)),
     ];
+    if s.connections.calls > 0 {
+        lines.push(Line::from(format!(
+            "{} connection_storm: {} in {} calls, {} accepted",
+            pct(s.shares.connection_storm),
+            human_ns(s.connections.ns),
+            s.connections.calls,
+            s.connections.accepts
+        )));
+    }
     for (name, ns) in &s.syscalls.by_name {
         lines.push(Line::from(format!("        {name} {} (wall)", human_ns(*ns))));
     }
     lines.push(Line::from(format!("{} app_code: {}", pct(s.shares.app_code), human_ns(s.app_code_ns))));
+    if let Some(net) = &s.net {
+        lines.push(Line::from(format!(
+            "net: {} overflows, {} new conns during; {} overflows, {} new conns in the 500ms after",
+            net.during.overflows, net.during.new_connections, net.after.overflows, net.after.new_connections
+        )));
+    }
     lines
 }
 

@@ -1,0 +1,194 @@
+//! sock_diag (NETLINK_SOCK_DIAG): the target's listening sockets with their accept-queue
+//! length, backlog and drop counter, read from inside the target's network namespace.
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const TCP_LISTEN: u32 = 10;
+const INET_DIAG_SKMEMINFO: u16 = 7;
+const SK_MEMINFO_DROPS: usize = 8;
+const NLMSG_HDR: usize = 16;
+const DIAG_MSG: usize = 72;
+
+/// One listening socket as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenSocket {
+    pub inode: u64,
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Connections waiting in the accept queue.
+    pub queue: u32,
+    /// The accept queue's limit (listen's backlog, capped by somaxconn).
+    pub backlog: u32,
+    /// sk_drops: SYNs and final ACKs the listener dropped (a full accept queue, on a sane host).
+    pub drops: u64,
+}
+
+/// A NETLINK_SOCK_DIAG socket bound to the network namespace of `pid`.
+pub struct Diag {
+    fd: OwnedFd,
+}
+
+impl Diag {
+    pub fn open(pid: u32) -> Result<Self> {
+        let ns = File::open(format!("/proc/{pid}/ns/net")).with_context(|| format!("opening PID {pid}'s netns"))?;
+        // setns changes only the calling thread: a short-lived thread creates the socket
+        // there, and the socket keeps that namespace for good.
+        let fd = std::thread::scope(|s| {
+            s.spawn(|| -> io::Result<OwnedFd> {
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let fd = unsafe {
+                    libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG)
+                };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            })
+            .join()
+            .expect("netns thread")
+        })
+        .context("sock_diag socket in the target's netns")?;
+        Ok(Self { fd })
+    }
+
+    /// Every TCP listening socket in the namespace, IPv4 and IPv6.
+    pub fn listeners(&self) -> Result<Vec<ListenSocket>> {
+        let mut out = self.dump(libc::AF_INET as u8)?;
+        out.extend(self.dump(libc::AF_INET6 as u8)?);
+        Ok(out)
+    }
+
+    fn dump(&self, family: u8) -> Result<Vec<ListenSocket>> {
+        let req = request(family);
+        if unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+            bail!("sock_diag send: {}", io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                bail!("sock_diag recv: {}", io::Error::last_os_error());
+            }
+            if parse_messages(&buf[..n as usize], &mut out)? {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+fn request(family: u8) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(NLMSG_HDR + 56);
+    let len = (NLMSG_HDR + 56) as u32;
+    msg.extend_from_slice(&len.to_ne_bytes());
+    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    // inet_diag_req_v2: family, protocol, extensions wanted, pad, states, then a zero sockid.
+    msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 1 << (INET_DIAG_SKMEMINFO - 1), 0]);
+    msg.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    msg.extend_from_slice(&[0u8; 48]);
+    msg
+}
+
+/// Appends the sockets in one datagram; true when the dump is complete.
+fn parse_messages(mut data: &[u8], out: &mut Vec<ListenSocket>) -> Result<bool> {
+    while data.len() >= NLMSG_HDR {
+        let len = u32_at(data, 0) as usize;
+        let kind = u16::from_ne_bytes([data[4], data[5]]);
+        if len < NLMSG_HDR || len > data.len() {
+            bail!("sock_diag: truncated message");
+        }
+        match kind {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => bail!("sock_diag: error {}", -(u32_at(data, NLMSG_HDR) as i32)),
+            SOCK_DIAG_BY_FAMILY => {
+                if let Some(s) = parse_socket(&data[NLMSG_HDR..len]) {
+                    out.push(s);
+                }
+            }
+            _ => {}
+        }
+        data = &data[align4(len).min(data.len())..];
+    }
+    Ok(false)
+}
+
+fn parse_socket(msg: &[u8]) -> Option<ListenSocket> {
+    if msg.len() < DIAG_MSG {
+        return None;
+    }
+    let family = msg[0];
+    let port = u16::from_be_bytes([msg[4], msg[5]]);
+    let addr = if family == libc::AF_INET as u8 {
+        IpAddr::V4(Ipv4Addr::new(msg[8], msg[9], msg[10], msg[11]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&msg[8..24]).ok()?))
+    };
+    Some(ListenSocket {
+        inode: u64::from(u32_at(msg, 68)),
+        addr,
+        port,
+        queue: u32_at(msg, 56),
+        backlog: u32_at(msg, 60),
+        drops: meminfo_drops(&msg[DIAG_MSG..]).unwrap_or(0),
+    })
+}
+
+/// The drop counter from the INET_DIAG_SKMEMINFO attribute.
+fn meminfo_drops(mut attrs: &[u8]) -> Option<u64> {
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if kind == INET_DIAG_SKMEMINFO && len >= 4 + 4 * (SK_MEMINFO_DROPS + 1) {
+            return Some(u64::from(u32_at(attrs, 4 + 4 * SK_MEMINFO_DROPS)));
+        }
+        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    None
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::TcpListener, os::fd::AsRawFd as _};
+
+    use super::*;
+
+    #[test]
+    fn sees_our_own_listener_with_its_backlog_and_queue() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 7) }, 0);
+        let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let diag = Diag::open(std::process::id()).unwrap();
+        let found = diag.listeners().unwrap();
+        let me = found.iter().find(|s| s.port == port).expect("our listener");
+        assert_eq!(me.backlog, 7);
+        assert_eq!(me.queue, 1);
+        assert_eq!(me.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert!(me.inode > 0);
+    }
+}
