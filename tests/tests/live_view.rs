@@ -47,12 +47,25 @@ impl Drop for Tmux {
     }
 }
 
-fn demo_servers() -> usize {
+/// (pid, comm, ppid) of every process.
+fn processes() -> Vec<(u32, String, u32)> {
     fs::read_dir("/proc")
         .unwrap()
-        .filter_map(|e| fs::read_to_string(e.ok()?.path().join("comm")).ok())
-        .filter(|c| c.trim() == "demo-loop")
-        .count()
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+            let ppid = stat[close + 2..].split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, stat[open + 1..close].to_string(), ppid))
+        })
+        .collect()
+}
+
+/// The demo's server: the demo-loop process whose parent is the pane's stalltrace.
+fn demo_server(pane_pid: u32) -> Option<u32> {
+    let procs = processes();
+    let tracer = procs.iter().find(|(_, comm, ppid)| comm == "stalltrace" && *ppid == pane_pid)?.0;
+    procs.iter().find(|(_, comm, ppid)| comm == "demo-loop" && *ppid == tracer).map(|p| p.0)
 }
 
 #[test]
@@ -67,10 +80,15 @@ fn demo_live_view_shows_a_purge_and_quits_cleanly() {
         assert!(screen.contains(panel), "no {panel} panel:\n{screen}");
     }
     assert!(screen.contains("p99"), "{screen}");
+    let pane: u32 = tmux.run(&["display", "-p", "-t", "demo", "#{pane_pid}"]).trim().parse().unwrap();
+    let server = demo_server(pane).expect("the demo's server runs under it");
     tmux.run(&["send-keys", "-t", "demo", "q"]);
     let after = tmux.wait_for("exit", Duration::from_secs(20), |s| s.contains("demo-exit="));
     assert!(after.contains("demo-exit=0"), "{after}");
-    assert!(after.contains("lost records"), "the summary is left on the normal screen:\n{after}");
+    // The summary may have scrolled: read the pane's history too.
+    let history = tmux.run(&["capture-pane", "-p", "-S", "-500", "-t", "demo"]);
+    assert!(history.contains("stalltrace summary"), "no summary on the normal screen:\n{history}");
     assert_eq!(tmux.run(&["display", "-p", "-t", "demo", "#{alternate_on}"]).trim(), "0", "alternate screen left on");
-    assert_eq!(demo_servers(), 0, "the demo's server outlived it");
+    let alive = fs::read_to_string(format!("/proc/{server}/comm")).is_ok_and(|c| c.trim() == "demo-loop");
+    assert!(!alive, "the demo's server {server} outlived it");
 }

@@ -235,10 +235,13 @@ impl Net {
         }
         if !spans.is_empty() {
             let stalls = known_stalls(app, &out, &self.pending);
+            let mut storms = app.storms.clone();
             for mut span in spans {
                 // Accepts are counted per process, not per listener.
                 span.delta.accepts = self.monitor.accepts_between(span.start_ns, span.end_ns);
-                out.push(Event::Storm(Storm::new(pid, span, &stalls)));
+                let storm = Storm::new(pid, span, &stalls, &storms);
+                storms.push(storm.clone());
+                out.push(Event::Storm(storm));
             }
         }
         out

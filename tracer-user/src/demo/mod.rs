@@ -32,15 +32,16 @@ const JEMALLOC: &[&str] = &[
 const SCRIPT: &[(&str, u64)] = &[
     ("FILL 512", 400),
     ("SHRINK", 800),
-    ("STORM", 800),
     ("SLEEP 120", 800),
+    ("STORM", 800),
     ("PING", 500),
 ];
 
-const STORM_CONNECTIONS: usize = 500;
+const STORM_CONNECTIONS: usize = 2000;
 
 pub fn run(common: &CommonArgs) -> Result<()> {
     target::check_privileges()?;
+    server::raise_fd_limit();
     let (mut server, port) = start_server()?;
     let stop = Arc::new(AtomicBool::new(false));
     let load = {

@@ -60,7 +60,7 @@ fn listen(port: u16, backlog: i32) -> Result<TcpListener> {
 }
 
 /// Bursts of thousands of connections need as many descriptors.
-fn raise_fd_limit() {
+pub fn raise_fd_limit() {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {

@@ -7,9 +7,9 @@ use super::{ListenerKey, ListenerSample, NetDelta, Sample, listener_delta};
 
 const WINDOW_NS: u64 = 100_000_000;
 const QUIET_NS: u64 = 500_000_000;
-/// TCP retries a dropped SYN after one second (TCP_TIMEOUT_INIT): a storm that starts that
-/// long after a stall is still the stall's.
-const STALL_AFTERMATH_NS: u64 = 1_000_000_000;
+/// TCP retries a dropped SYN after one second (TCP_TIMEOUT_INIT): a storm that starts within
+/// that long after a stall's storm is a wave of its retries.
+const RETRY_WAVE_NS: u64 = 1_000_000_000;
 
 /// A finished storm on one listener, before its cause is known.
 #[derive(Clone, Debug)]
@@ -188,8 +188,8 @@ mod tests {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
-    /// It began inside a stall of the target or within a second after one (a SYN dropped
-    /// during the stall is retried a second later).
+    /// It began inside a stall of the target or within 500 ms after one, or within a second
+    /// after a storm the stall caused (the kernel retries a dropped SYN a second later).
     Stall,
     External,
 }
@@ -221,12 +221,22 @@ pub struct Storm {
 }
 
 impl Storm {
-    /// Links `span` to the stall (start, end, tid) it began in or right after, if any.
-    pub fn new(pid: u32, span: StormSpan, stalls: &[(u64, u64, u32)]) -> Self {
-        let linked = stalls
+    /// Links `span` to the stall (start, end, tid) it began in or right after, or to the stall
+    /// behind an earlier storm it is a retry wave of.
+    pub fn new(pid: u32, span: StormSpan, stalls: &[(u64, u64, u32)], earlier: &[Storm]) -> Self {
+        let direct = stalls
             .iter()
-            .filter(|&&(start, end, _)| start <= span.start_ns && span.start_ns <= end + STALL_AFTERMATH_NS)
-            .max_by_key(|&&(start, _, _)| start);
+            .filter(|&&(start, end, _)| start <= span.start_ns && span.start_ns <= end + super::AFTER_STALL_NS)
+            .max_by_key(|&&(start, _, _)| start)
+            .map(|&(start, end, tid)| StallLink { tid, start_ns: start, duration_ns: end - start });
+        let wave = || {
+            earlier
+                .iter()
+                .rev()
+                .find(|s| s.listener == span.key.to_string() && s.end_ns + RETRY_WAVE_NS >= span.start_ns)
+                .and_then(|s| s.stall.clone())
+        };
+        let linked = direct.or_else(wave);
         Storm {
             kind: "storm",
             pid,
@@ -238,7 +248,7 @@ impl Storm {
             peak_rate: span.peak_rate,
             net: span.delta,
             cause: if linked.is_some() { Cause::Stall } else { Cause::External },
-            stall: linked.map(|&(start, end, tid)| StallLink { tid, start_ns: start, duration_ns: end - start }),
+            stall: linked,
         }
     }
 }

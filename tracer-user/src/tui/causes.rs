@@ -13,7 +13,7 @@ use crate::{
 };
 
 pub fn draw(f: &mut Frame, area: Rect, app: &App) {
-    let listeners = if app.listeners.is_empty() { 0 } else { app.listeners.len().min(3) as u16 + 2 };
+    let listeners = if app.listeners.is_empty() { 0 } else { 2 * app.listeners.len().min(2) as u16 + 3 };
     let [causes, net, memory] =
         Layout::vertical([Constraint::Min(3), Constraint::Length(listeners), Constraint::Length(4)]).areas(area);
     draw_causes(f, causes, app);
@@ -29,18 +29,25 @@ fn draw_listeners(f: &mut Frame, area: Rect, app: &App) {
     let block = Block::bordered().title(" Listeners: queue, overflows, conns/100ms ");
     let inner = block.inner(area);
     f.render_widget(block, area);
-    let lines: Vec<Line> = app
-        .listeners
-        .iter()
-        .map(|l| {
-            let head = format!("{} q{}/{} ovf {} ", l.name, l.queue, l.backlog, l.overflows);
-            let room = (inner.width as usize).saturating_sub(head.chars().count());
-            let rates = &l.rates[l.rates.len().saturating_sub(room)..];
-            let style = Style::default().fg(if l.overflows > 0 { Color::Red } else { Color::Green });
-            Line::from(vec![Span::raw(head), Span::styled(sparkline(rates), style)])
-        })
-        .collect();
+    let mut lines = Vec::new();
+    for l in app.listeners.iter().take(2) {
+        let style = Style::default().fg(if l.overflows > 0 { Color::Red } else { Color::Green });
+        lines.push(Line::from(format!("{} q {}/{} ovf {}", l.name, l.queue, l.backlog, l.overflows)));
+        let rates = &l.rates[l.rates.len().saturating_sub(inner.width as usize)..];
+        lines.push(Line::from(Span::styled(sparkline(rates), style)));
+    }
+    lines.push(Line::from(match app.storms.last() {
+        Some(s) => format!("{} storms, last {}/s {}", app.storms.len(), s.peak_rate, cause_text(s)),
+        None => "no connection storms".to_string(),
+    }));
     f.render_widget(Paragraph::new(lines), inner);
+}
+
+fn cause_text(s: &crate::net::storm::Storm) -> String {
+    match &s.stall {
+        Some(st) => format!("({} stall)", human_ns(st.duration_ns)),
+        None => "(external)".into(),
+    }
 }
 
 fn sparkline(values: &[u64]) -> String {

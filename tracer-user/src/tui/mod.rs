@@ -133,7 +133,7 @@ fn write_flame(app: &App) -> Result<PathBuf> {
 fn draw(f: &mut Frame, app: &App, view: &View) {
     let [header, top, progress, table, footer] = Layout::vertical([
         Constraint::Length(1),
-        Constraint::Length(if app.listeners.is_empty() { 10 } else { 12 }),
+        Constraint::Length(if app.listeners.is_empty() { 10 } else { 13 }),
         Constraint::Length(u16::from(!app.in_progress.is_empty())),
         Constraint::Min(4),
         Constraint::Length(1),
