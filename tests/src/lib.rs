@@ -439,3 +439,129 @@ fn pool_client(port: u16, request: &[u8], deadline: Instant) {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Driving Redis into purging resident query buffers from clientsCron (see the test).
+pub mod redis_purge {
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpStream,
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use anyhow::{Result, bail};
+    use crate::{Redis, resp};
+
+    const BUF: usize = 1 << 30;
+    /// Under Redis' 32 KB big-argument limit, so these are parsed from the query buffer.
+    const ARG: usize = 30_000;
+
+    fn publish(len: usize, fill: u8) -> Vec<u8> {
+        let mut c = format!("*3\r\n$7\r\nPUBLISH\r\n$1\r\nt\r\n${ARG}\r\n").into_bytes();
+        c.extend(std::iter::repeat_n(fill, len));
+        c
+    }
+
+    /// One connection whose query buffer ends up 1 GiB, resident, and full of unrun commands.
+    pub fn fill_client(redis: &Redis, i: usize) -> Result<(TcpStream, usize)> {
+        let mut s = TcpStream::connect(("127.0.0.1", redis.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.set_write_timeout(Some(Duration::from_secs(30)))?;
+        let name = format!("purge-{i}");
+        s.write_all(&resp(&["CLIENT", "SETNAME", &name]))?;
+        let key = format!("purge:key:{i}");
+        s.write_all(format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${BUF}\r\n", key.len()).as_bytes())?;
+        let block = vec![b'v'; 32 << 20];
+        for _ in 0..BUF / block.len() {
+            s.write_all(&block)?;
+        }
+        s.write_all(b"\r\n")?;
+        s.write_all(&resp(&["BLPOP", &format!("purge:go:{i}"), "15"]))?;
+        let mut cmd = publish(ARG, b'p');
+        cmd.extend_from_slice(b"\r\n");
+        let count = (BUF - (4 << 20)) / cmd.len();
+        let chunk = cmd.repeat(1000);
+        for _ in 0..count / 1000 {
+            s.write_all(&chunk)?;
+        }
+        for _ in 0..count % 1000 {
+            s.write_all(&cmd)?;
+        }
+        // An unfinished command keeps a little in the buffer, so the shrink is a realloc.
+        let tail = publish(1000, b'q');
+        s.write_all(&tail)?;
+        let expect = count * cmd.len() + tail.len();
+        wait_for_qbuf(redis, &name, expect)?;
+        Ok((s, count))
+    }
+
+    fn wait_for_qbuf(redis: &Redis, name: &str, expect: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let want = format!("name={name} ");
+        loop {
+            let list = redis.cmd(&["CLIENT", "LIST"])?;
+            let qbuf = list
+                .lines()
+                .find(|l| l.contains(&want))
+                .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("qbuf=")))
+                .and_then(|v| v.parse::<usize>().ok());
+            if qbuf == Some(expect) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{name}: query buffer never reached {expect} bytes (now {qbuf:?})");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wakes every client at once and reads their backlog's replies.
+    pub fn release(redis: &Redis, clients: Vec<(TcpStream, usize)>) -> Result<Vec<TcpStream>> {
+        let mut ctl = TcpStream::connect(("127.0.0.1", redis.port))?;
+        let mut tx = resp(&["MULTI"]);
+        for i in 0..clients.len() {
+            tx.extend(resp(&["LPUSH", &format!("purge:go:{i}"), "x"]));
+        }
+        tx.extend(resp(&["EXEC"]));
+        ctl.write_all(&tx)?;
+        let mut open = vec![ctl];
+        for (mut s, count) in clients {
+            // "+OK" for SETNAME and SET, the BLPOP pair, then ":0\r\n" per PUBLISH.
+            drain_until(&mut s, count * 4)?;
+            open.push(s);
+        }
+        Ok(open)
+    }
+
+    fn drain_until(s: &mut TcpStream, at_least: usize) -> Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        while got < at_least {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                bail!("redis closed the connection after {got} bytes");
+            }
+            got += n;
+        }
+        Ok(())
+    }
+}
+
+/// The stall's heaviest stack, root first.
+pub fn stack(stall: &Value) -> Vec<String> {
+    stall["stack"].as_array().map(|a| a.iter().filter_map(|f| f.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+}
+
+/// Panics unless the stall's heaviest stack holds a frame for each of `names`, in this order
+/// from root to leaf; an entry may list alternatives separated by '|'.
+pub fn assert_stack_order(stall: &Value, names: &[&str]) {
+    let frames = stack(stall);
+    let mut at = 0;
+    for want in names {
+        let found = frames[at..].iter().position(|f| want.split('|').any(|w| f == w || f.starts_with(&format!("{w}+"))));
+        match found {
+            Some(i) => at += i + 1,
+            None => panic!("no {want} after frame {at} of the stack {frames:#?}\nin {stall}"),
+        }
+    }
+}

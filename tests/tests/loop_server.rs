@@ -75,7 +75,10 @@ fn spinning_is_app_code() {
     let records = tracer.stop().unwrap();
     let stall = only_stall(&records, "app_code");
     assert!((195.0..400.0).contains(&ms(&stall["duration_ns"])), "{stall}");
-    assert!(stall["explained_pct"].as_f64().unwrap() >= 80.0, "{stall}");
+    // On a busy machine part of the spin waits for a CPU (runnable), but it never blocks.
+    let (app, runnable) = (stall["shares"]["app_code"].as_f64().unwrap(), stall["shares"]["off_cpu"].as_f64().unwrap());
+    assert!(app + runnable >= 95.0, "{stall}");
+    assert!(ms(&stall["off_cpu"]["blocked_ns"]) < 5.0, "{stall}");
     assert_eq!(stalls(&records).len(), 1, "{records:#?}");
 }
 

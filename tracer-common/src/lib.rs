@@ -68,6 +68,12 @@ pub mod group {
     pub const ALLOC: u32 = 1 << 4;
     /// Listening sockets: new connections, resets, accept-queue overflows.
     pub const NET: u32 = 1 << 5;
+    /// User and kernel stacks where a stall's time goes: slow purge calls, slow syscalls, slow
+    /// allocator calls, and timed samples of a loop thread already past its threshold.
+    pub const STACKS: u32 = 1 << 6;
+    /// Parked threads: when each of the target's threads went to sleep, and the last wakeup
+    /// sent to it and by whom (pool starvation).
+    pub const PARK: u32 = 1 << 7;
 }
 
 /// Names of the globals userspace overrides at load time.
@@ -96,6 +102,20 @@ pub mod globals {
     /// network-order port inside a sockaddr (1) or a host-order `sport` field (0).
     pub const RST_SPORT_OFF: &str = "RST_SPORT_OFF";
     pub const RST_SPORT_IN_SOCKADDR: &str = "RST_SPORT_IN_SOCKADDR";
+    /// u64 1 when the park group runs (sched_switch then also tracks parked threads).
+    pub const PARK_ON: &str = "PARK_ON";
+    /// u64 offset of the wakee's `pid` in the sched_waking record (from tracefs).
+    pub const WAKING_PID_OFF: &str = "WAKING_PID_OFF";
+    /// u64 1 when the stacks group runs (programs that capture stacks check it).
+    pub const STACKS_ON: &str = "STACKS_ON";
+    /// u64 calls at least this long (ns) get their stack captured.
+    pub const STACK_MIN_NS: &str = "STACK_MIN_NS";
+    /// u64 period of the stall sampler, the weight of one sample.
+    pub const SAMPLE_PERIOD_NS: &str = "SAMPLE_PERIOD_NS";
+    /// u64 offsets of the instruction, stack and frame pointers in `struct pt_regs` (BTF).
+    pub const PT_REGS_IP_OFF: &str = "PT_REGS_IP_OFF";
+    pub const PT_REGS_SP_OFF: &str = "PT_REGS_SP_OFF";
+    pub const PT_REGS_BP_OFF: &str = "PT_REGS_BP_OFF";
 }
 
 /// Map names.
@@ -106,6 +126,9 @@ pub mod maps {
     pub const STALLS: &str = "STALLS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const LISTENERS: &str = "LISTENERS";
+    pub const STACK_EVENTS: &str = "STACK_EVENTS";
+    pub const PARKED: &str = "PARKED";
+    pub const KSTACKS: &str = "KSTACKS";
     pub const TARGET_STATS: &str = "TARGET_STATS";
 }
 
@@ -122,7 +145,11 @@ pub mod counter {
     pub const THREADS_FULL: u32 = 1;
     /// Iterations seen (all of them, not only stalls).
     pub const ITERATIONS: u32 = 2;
-    pub const LEN: u32 = 3;
+    /// A stack sample that did not fit in the ring buffer.
+    pub const LOST_STACKS: u32 = 3;
+    /// Stack samples taken.
+    pub const STACKS: u32 = 4;
+    pub const LEN: u32 = 5;
 }
 
 /// Fixed offsets of syscall tracepoint records (`syscalls:sys_{enter,exit}_*` and
@@ -235,6 +262,61 @@ pub struct TargetStats {
     pub accepts: u64,
 }
 
+/// Per-thread sleep and wakeup bookkeeping, keyed by tid in `PARKED`. Userspace inserts every
+/// thread of a watched process; the kernel only updates entries that exist.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ParkState {
+    /// When the thread last went to sleep (switched out not runnable); 0 while it runs or is
+    /// runnable, and before the first switch seen.
+    pub parked_since_ns: u64,
+    /// The last wakeup sent to it (sched_waking), and who sent it.
+    pub last_wakeup_ns: u64,
+    pub waker_tid: u32,
+    pub waker_tgid: u32,
+    pub waker_comm: [u8; TASK_COMM_LEN],
+    /// Wakeups received since tracking began.
+    pub wakeups: u64,
+}
+
+/// Bytes of user stack copied from the stack pointer up: enough for deep C call chains,
+/// small enough that a sample costs one 16 KiB copy.
+pub const STACK_BYTES: usize = 16 * 1024;
+
+/// Why a stack was captured (`StackEvent::kind`).
+pub mod stack_kind {
+    /// A madvise/munmap/mremap call at least STACK_MIN_NS long, captured at its return.
+    pub const PURGE: u32 = 0;
+    /// Any other syscall at least STACK_MIN_NS long (a sleep, a blocking read...).
+    pub const SYSCALL: u32 = 1;
+    /// An allocator call at least STACK_MIN_NS long, captured at its return (caller's frames).
+    pub const ALLOC: u32 = 2;
+    /// A timed sample of a thread whose current iteration is already past the threshold.
+    pub const SAMPLE: u32 = 3;
+}
+
+/// A user stack snapshot (registers plus the stack's top bytes, unwound in userspace from
+/// .eh_frame) and a kernel stack id, tied to one iteration of one thread.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StackEvent {
+    pub pid: u32,
+    pub tid: u32,
+    /// The iteration this stack belongs to: matches `StallEvent::start_ns`.
+    pub iter_start_ns: u64,
+    /// Stall time this stack stands for: the call's duration, or one sampling period.
+    pub weight_ns: u64,
+    pub kind: u32,
+    /// Kernel stack in `KSTACKS`, or negative when there is none.
+    pub kstack_id: i32,
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Valid bytes in `stack`, which starts at address `sp`.
+    pub stack_len: u64,
+    pub stack: [u8; STACK_BYTES],
+}
+
 /// `ThreadState::flags` bits.
 pub mod thread_flag {
     /// The thread is inside an epoll wait: between iterations.
@@ -295,6 +377,8 @@ mod pod {
     unsafe impl aya::Pod for super::IterHist {}
     unsafe impl aya::Pod for super::ListenerCounters {}
     unsafe impl aya::Pod for super::TargetStats {}
+    unsafe impl aya::Pod for super::StackEvent {}
+    unsafe impl aya::Pod for super::ParkState {}
 }
 
 #[cfg(test)]

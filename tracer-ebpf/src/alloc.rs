@@ -5,9 +5,12 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::{ThreadState, hist_slot};
+use tracer_common::{ThreadState, hist_slot, stack_kind};
 
-use crate::state::{current_thread, current_tid, histograms, now};
+use crate::{
+    stacks,
+    state::{current_thread, current_tid, histograms, now},
+};
 
 #[uprobe]
 pub fn alloc_enter(_ctx: ProbeContext) -> u32 {
@@ -21,7 +24,7 @@ pub fn alloc_enter(_ctx: ProbeContext) -> u32 {
 }
 
 #[uretprobe]
-pub fn alloc_exit(_ctx: RetProbeContext) -> u32 {
+pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let Some(s) = current_thread() else { return 0 };
     if s.alloc_depth == 0 {
         return 0;
@@ -38,6 +41,10 @@ pub fn alloc_exit(_ctx: RetProbeContext) -> u32 {
     s.parts.alloc_ns += own;
     if let Some(c) = histograms(current_tid()).and_then(|h| h.alloc.get_mut(hist_slot(own))) {
         *c += 1;
+    }
+    if stacks::slow(own) {
+        // At the return the allocator's frames are gone: the stack starts at its caller.
+        stacks::capture(&ctx, s, current_tid(), stack_kind::ALLOC, own);
     }
     0
 }

@@ -6,8 +6,10 @@
 mod alloc;
 mod iteration;
 mod listen;
+mod park;
 mod purge;
 mod sched;
+mod stacks;
 mod state;
 mod syscalls;
 

@@ -2,9 +2,12 @@
 //! memory back. Their time inside an iteration is the primary purge signal; allocator uprobes
 //! only refine it.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use tracer_common::{hist_slot, purge_kind, tp};
+use tracer_common::{hist_slot, purge_kind, stack_kind, tp};
 
-use crate::state::{current_iteration, current_thread, current_tid, histograms, now};
+use crate::{
+    stacks,
+    state::{current_iteration, current_thread, current_tid, histograms, now},
+};
 
 #[tracepoint]
 pub fn madvise_enter(ctx: TracePointContext) -> u32 {
@@ -30,7 +33,7 @@ pub fn mremap_enter(ctx: TracePointContext) -> u32 {
 
 /// Shared by the three sys_exit tracepoints: the entry remembered which call it was.
 #[tracepoint]
-pub fn purge_exit(_ctx: TracePointContext) -> u32 {
+pub fn purge_exit(ctx: TracePointContext) -> u32 {
     let Some(s) = current_thread() else { return 0 };
     if s.purge_start_ns == 0 {
         return 0;
@@ -51,6 +54,10 @@ pub fn purge_exit(_ctx: TracePointContext) -> u32 {
             *c += 1;
         }
         h.purge_bytes += s.purge_len;
+    }
+    if stacks::slow(elapsed) {
+        // Still inside the syscall: the user registers are those of the madvise call site.
+        stacks::capture(&ctx, s, current_tid(), stack_kind::PURGE, elapsed);
     }
     0
 }

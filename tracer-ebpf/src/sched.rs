@@ -3,7 +3,10 @@
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use tracer_common::thread_flag::OFF_RUNNABLE;
 
-use crate::state::{current_iteration, now, thread};
+use crate::{
+    park,
+    state::{current_iteration, current_tid, now, thread},
+};
 
 /// Field offsets in the sched_switch record (`tracer_common::globals`), read from tracefs by
 /// userspace: they have moved between kernel versions.
@@ -19,29 +22,32 @@ const SLEEPING_STATES: i64 = 0xff;
 #[tracepoint]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
     let ts = now();
-    switch_out(&ctx, ts);
-    switch_in(&ctx, ts);
+    let state_off = unsafe { core::ptr::read_volatile(&SCHED_PREV_STATE_OFF) } as usize;
+    let sleeps = unsafe { ctx.read_at::<i64>(state_off) }.unwrap_or(1) & SLEEPING_STATES != 0;
+    let next_off = unsafe { core::ptr::read_volatile(&SCHED_NEXT_PID_OFF) } as usize;
+    let next = unsafe { ctx.read_at::<u32>(next_off) }.unwrap_or(0);
+    switch_out(sleeps, ts);
+    switch_in(next, ts);
+    if park::enabled() {
+        park::on_switch(current_tid(), sleeps, next, ts);
+    }
     0
 }
 
 #[inline(always)]
-fn switch_out(ctx: &TracePointContext, ts: u64) {
+fn switch_out(sleeps: bool, ts: u64) {
     // The tracepoint runs in the context of the task being switched out.
     let Some(s) = current_iteration() else { return };
-    let off = unsafe { core::ptr::read_volatile(&SCHED_PREV_STATE_OFF) } as usize;
-    let state = unsafe { ctx.read_at::<i64>(off) }.unwrap_or(1);
-    if state & SLEEPING_STATES == 0 {
-        s.flags |= OFF_RUNNABLE;
-    } else {
+    if sleeps {
         s.flags &= !OFF_RUNNABLE;
+    } else {
+        s.flags |= OFF_RUNNABLE;
     }
     s.off_start_ns = ts;
 }
 
 #[inline(always)]
-fn switch_in(ctx: &TracePointContext, ts: u64) {
-    let off = unsafe { core::ptr::read_volatile(&SCHED_NEXT_PID_OFF) } as usize;
-    let Ok(next) = (unsafe { ctx.read_at::<u32>(off) }) else { return };
+fn switch_in(next: u32, ts: u64) {
     let Some(s) = thread(next) else { return };
     if s.off_start_ns == 0 {
         return;

@@ -5,9 +5,12 @@ use aya_ebpf::{
     maps::PerCpuHashMap,
     programs::TracePointContext,
 };
-use tracer_common::{CONN_SYSCALLS_LEN, Components, SKIP_SYSCALLS_LEN, TOP_SYSCALLS, TargetStats, tp};
+use tracer_common::{CONN_SYSCALLS_LEN, Components, SKIP_SYSCALLS_LEN, TOP_SYSCALLS, TargetStats, stack_kind, tp};
 
-use crate::state::{current_iteration, current_thread, now};
+use crate::{
+    stacks,
+    state::{current_iteration, current_thread, current_tid, now},
+};
 
 /// Syscall numbers of this architecture left to other groups; filled in by userspace,
 /// u64::MAX marks an unused slot.
@@ -63,6 +66,9 @@ pub fn sys_exit(ctx: TracePointContext) -> u32 {
         s.parts.syscall_ns += on_cpu;
     }
     add_top(&mut s.parts, nr, wall);
+    if stacks::slow(wall) {
+        stacks::capture(&ctx, s, current_tid(), stack_kind::SYSCALL, wall);
+    }
     0
 }
 

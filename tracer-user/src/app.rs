@@ -55,6 +55,9 @@ pub struct App {
     pub threads: Vec<ThreadView>,
     pub in_progress: Vec<InProgress>,
     pub lost: u64,
+    /// Stack samples the ring buffer could not take, and those received.
+    pub lost_stacks: u64,
+    pub stacks_received: u64,
     pub storms: Vec<Storm>,
     pub listeners: Vec<ListenerView>,
 }
@@ -71,6 +74,8 @@ impl App {
             threads: Vec::new(),
             in_progress: Vec::new(),
             lost: 0,
+            lost_stacks: 0,
+            stacks_received: 0,
             storms: Vec::new(),
             listeners: Vec::new(),
         }

@@ -3,7 +3,7 @@
 use serde::Serialize;
 use tracer_common::{StallEvent, TOP_SYSCALLS};
 
-use crate::net::StallNet;
+use crate::{net::StallNet, stacks::collect::WeightedStack};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -107,6 +107,16 @@ pub struct Stall {
     /// The target's listeners during the stall and just after; set once the window is sampled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub net: Option<StallNet>,
+    /// The heaviest stack (root first, leaf last), and the heaviest few with their weights.
+    pub stack: Vec<String>,
+    pub stacks: Vec<WeightedStack>,
+}
+
+impl Stall {
+    /// The innermost user frame of the heaviest stack: where the time was going.
+    pub fn top_frame(&self) -> Option<&str> {
+        self.stack.iter().rev().find(|f| !f.starts_with("[k] ")).map(String::as_str)
+    }
 }
 
 pub fn attribute(ev: &StallEvent) -> Stall {
@@ -166,6 +176,8 @@ pub fn attribute(ev: &StallEvent) -> Stall {
             app_code: pct(app),
         },
         net: None,
+        stack: Vec::new(),
+        stacks: Vec::new(),
     }
 }
 

@@ -19,6 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a built-in event-loop server that stalls on purpose, and trace it.
     Demo(DemoArgs),
+    /// Render a flame graph from a recorded `--json` run.
+    Flame(FlameArgs),
     /// The demo's event-loop server on its own (used by the demo and the tests).
     #[command(hide = true)]
     DemoServer(DemoServerArgs),
@@ -56,7 +58,7 @@ pub struct CommonArgs {
     /// In text mode, print iteration histograms this often.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub interval: Duration,
-    /// Probe groups: a comma list of loop, purge, sched, syscalls, net, alloc; or "default", "all".
+    /// Probe groups: a comma list of loop, purge, sched, syscalls, net, stacks, alloc; or "default", "all".
     #[arg(long, default_value = "default", value_parser = parse_groups)]
     pub probes: u32,
     /// Connection attempts per second on one listener that make a storm (any overflow does too).
@@ -74,6 +76,18 @@ pub struct DemoArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct FlameArgs {
+    /// JSON lines written by `stalltrace --json`.
+    pub input: std::path::PathBuf,
+    /// The SVG to write.
+    #[arg(short, long)]
+    pub output: std::path::PathBuf,
+    /// Also write the folded stacks here.
+    #[arg(long)]
+    pub folded: Option<std::path::PathBuf>,
+}
+
+#[derive(Args, Debug)]
 pub struct DemoServerArgs {
     /// Port on 127.0.0.1 to listen on (0: any free port, printed on stdout).
     #[arg(long, default_value_t = 0)]
@@ -84,7 +98,8 @@ pub struct DemoServerArgs {
 }
 
 /// Default groups: what the measurements say costs the traced server nothing noticeable.
-pub const DEFAULT_GROUPS: u32 = group::LOOP | group::PURGE | group::SCHED | group::SYSCALLS | group::NET;
+pub const DEFAULT_GROUPS: u32 =
+    group::LOOP | group::PURGE | group::SCHED | group::SYSCALLS | group::NET | group::STACKS;
 pub const ALL_GROUPS: u32 = DEFAULT_GROUPS | group::ALLOC;
 
 pub fn parse_groups(s: &str) -> Result<u32> {
@@ -99,7 +114,8 @@ pub fn parse_groups(s: &str) -> Result<u32> {
             "syscalls" => group::SYSCALLS,
             "alloc" => group::ALLOC,
             "net" => group::NET,
-            other => bail!("unknown probe group {other:?} (loop, purge, sched, syscalls, net, alloc, default, all)"),
+            "stacks" => group::STACKS,
+            other => bail!("unknown probe group {other:?} (loop, purge, sched, syscalls, net, stacks, alloc, default, all)"),
         };
     }
     Ok(groups)

@@ -9,6 +9,7 @@ mod net;
 mod probes;
 mod report;
 mod session;
+mod stacks;
 mod target;
 mod tui;
 
@@ -50,6 +51,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Demo(args)) => demo::run(&args.common),
         Some(Command::DemoServer(args)) => demo::server::serve(args.port, args.backlog),
+        Some(Command::Flame(args)) => flame::from_jsonl(&args.input, &args.output, args.folded.as_deref()),
         None => {
             let Some(pid) = cli.trace.pid else {
                 bail!("no target process: give -p PID (or try `stalltrace demo`)");
@@ -82,7 +84,11 @@ pub fn trace(pid: u32, common: &CommonArgs) -> Result<()> {
 }
 
 fn write_flames(app: &app::App, common: &CommonArgs) -> Result<()> {
-    let lines = flame::folded(&app.stalls);
+    if common.folded.is_none() && common.flame.is_none() {
+        return Ok(());
+    }
+    let records: Vec<serde_json::Value> = app.stalls.iter().filter_map(|s| serde_json::to_value(s).ok()).collect();
+    let lines = flame::folded(&records);
     if let Some(path) = &common.folded {
         flame::write_folded(path, &lines)?;
     }

@@ -42,6 +42,8 @@ struct Summary<'a> {
     by_verdict: &'a BTreeMap<Verdict, u64>,
     storms: usize,
     lost: u64,
+    stacks: u64,
+    lost_stacks: u64,
     threads: Vec<ThreadSummary<'a>>,
     listeners: Vec<ListenerSummary>,
     /// TcpExtListenOverflows of the target's namespace over the session: the cross-check for
@@ -201,6 +203,10 @@ impl Reporter {
             line += &format!(" conns {} ({} accepted)", human_ns(s.connections.ns), s.connections.accepts);
         }
         line += &format!(" app {}", human_ns(s.app_code_ns));
+        let user: Vec<&str> = s.stack.iter().filter(|f| !f.starts_with("[k] ")).map(String::as_str).collect();
+        if !user.is_empty() {
+            line += &format!(" | at {}", user[user.len().saturating_sub(6)..].join(" > "));
+        }
         if let Some(net) = &s.net
             && (net.during.overflows + net.after.overflows + net.during.new_connections + net.after.new_connections) > 0
         {
@@ -259,6 +265,8 @@ impl Reporter {
                     by_verdict: &app.by_verdict,
                     storms: app.storms.len(),
                     lost: app.lost,
+                    stacks: app.stacks_received,
+                    lost_stacks: app.lost_stacks,
                     threads,
                     listeners,
                     netns_listen_overflows: net.as_ref().map(|(_, n)| *n),
@@ -272,13 +280,15 @@ impl Reporter {
 
 fn summary_text(app: &App, traced_ns: u64) -> String {
     let mut out = format!(
-        "\n== stalltrace summary: PID {} ({}) traced {}, {} iterations, {} stalls, {} lost records\n",
+        "\n== stalltrace summary: PID {} ({}) traced {}, {} iterations, {} stalls, {} lost records; {} stacks, {} lost\n",
         app.pid,
         app.comm,
         human_ns(traced_ns),
         app.iterations(),
         app.stall_count(),
-        app.lost
+        app.lost,
+        app.stacks_received,
+        app.lost_stacks
     );
     for (verdict, n) in &app.by_verdict {
         out += &format!("   {:<16} {n}\n", verdict.as_str());

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap, MapData, PerCpuHashMap, RingBuf, StackTraceMap};
 use tracer_common::{IterHist, StallEvent, ThreadState, group, maps};
 
 use crate::{
@@ -23,6 +23,7 @@ use crate::{
     },
     probes::{ProbeConfig, Probes},
     report::clock_ns,
+    stacks::collect::{STACKS_PER_STALL, StackCollector},
     target::{self, Target},
 };
 
@@ -55,6 +56,7 @@ pub struct Session {
     ring: RingBuf<MapData>,
     target: Target,
     net: Option<Net>,
+    stacks: Option<StackCollector>,
     pub app: App,
     stop: Arc<AtomicBool>,
     deadline: Option<Instant>,
@@ -75,8 +77,10 @@ impl Session {
         }
         let ring = RingBuf::try_from(probes.ebpf.take_map(maps::STALLS).context("STALLS map")?)?;
         let net = if opts.probes.groups & group::NET != 0 { Some(start_net(&mut probes, &target, opts)?) } else { None };
+        let stacks = if opts.probes.groups & group::STACKS != 0 { Some(start_stacks(&mut probes)?) } else { None };
         let app = App::new(target.pid, target.comm.clone(), opts.threshold_ns);
-        Ok(Self { probes, ring, target, net, app, stop, deadline: opts.duration.map(|d| Instant::now() + d) })
+        let deadline = opts.duration.map(|d| Instant::now() + d);
+        Ok(Self { probes, ring, target, net, stacks, app, stop, deadline })
     }
 
     pub fn banner(&self) -> String {
@@ -130,6 +134,15 @@ impl Session {
             let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StallEvent>()) };
             stalls.push(attribution::attribute(&ev));
         }
+        // Read after the stalls: an iteration's stacks were submitted before its stall was.
+        if let Some(collector) = self.stacks.as_mut() {
+            collector.drain(clock_ns(libc::CLOCK_MONOTONIC));
+            for s in &mut stalls {
+                s.stacks = collector.take(s.tid, s.start_ns);
+                s.stack = s.stacks.first().map(|w| w.frames.clone()).unwrap_or_default();
+                s.stacks.truncate(STACKS_PER_STALL);
+            }
+        }
         let events = match self.net.as_mut() {
             None => stalls.into_iter().map(Event::Stall).collect(),
             Some(net) => net.advance(stalls, &self.app, self.target.pid, flush),
@@ -153,6 +166,8 @@ impl Session {
         self.app.threads = self.thread_views()?;
         self.app.in_progress = self.in_progress()?;
         self.app.lost = self.probes.lost_stalls();
+        self.app.lost_stacks = self.probes.lost_stacks();
+        self.app.stacks_received = self.stacks.as_ref().map_or(0, |c| c.received);
         self.refresh_listeners();
         Ok(())
     }
@@ -199,6 +214,12 @@ impl Session {
             .map(|(tid, elapsed_ns)| InProgress { tid, comm: comm_of(tid).unwrap_or_default(), elapsed_ns })
             .collect())
     }
+}
+
+fn start_stacks(probes: &mut Probes) -> Result<StackCollector> {
+    let ring = RingBuf::try_from(probes.ebpf.take_map(maps::STACK_EVENTS).context("STACK_EVENTS map")?)?;
+    let kstacks = StackTraceMap::try_from(probes.ebpf.take_map(maps::KSTACKS).context("KSTACKS map")?)?;
+    Ok(StackCollector::new(ring, kstacks))
 }
 
 fn start_net(probes: &mut Probes, target: &Target, opts: &TraceOptions) -> Result<Net> {

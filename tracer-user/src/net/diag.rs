@@ -18,13 +18,13 @@ const SK_MEMINFO_DROPS: usize = 8;
 const NLMSG_HDR: usize = 16;
 const DIAG_MSG: usize = 72;
 
-/// One listening socket as the kernel reports it.
+/// One socket as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenSocket {
     pub inode: u64,
     pub addr: IpAddr,
     pub port: u16,
-    /// Connections waiting in the accept queue.
+    /// Listeners: connections waiting in the accept queue. Other sockets: unread bytes.
     pub queue: u32,
     /// The accept queue's limit (listen's backlog, capped by somaxconn).
     pub backlog: u32,
@@ -64,13 +64,22 @@ impl Diag {
 
     /// Every TCP listening socket in the namespace, IPv4 and IPv6.
     pub fn listeners(&self) -> Result<Vec<ListenSocket>> {
-        let mut out = self.dump(libc::AF_INET as u8)?;
-        out.extend(self.dump(libc::AF_INET6 as u8)?);
+        self.dump_both(1 << TCP_LISTEN)
+    }
+
+    /// Every other TCP socket (connected, closing...): `queue` holds its unread bytes.
+    pub fn connections(&self) -> Result<Vec<ListenSocket>> {
+        self.dump_both(!(1 << TCP_LISTEN) & 0xfff)
+    }
+
+    fn dump_both(&self, states: u32) -> Result<Vec<ListenSocket>> {
+        let mut out = self.dump(libc::AF_INET as u8, states)?;
+        out.extend(self.dump(libc::AF_INET6 as u8, states)?);
         Ok(out)
     }
 
-    fn dump(&self, family: u8) -> Result<Vec<ListenSocket>> {
-        let req = request(family);
+    fn dump(&self, family: u8, states: u32) -> Result<Vec<ListenSocket>> {
+        let req = request(family, states);
         if unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
             bail!("sock_diag send: {}", io::Error::last_os_error());
         }
@@ -88,7 +97,7 @@ impl Diag {
     }
 }
 
-fn request(family: u8) -> Vec<u8> {
+fn request(family: u8, states: u32) -> Vec<u8> {
     let mut msg = Vec::with_capacity(NLMSG_HDR + 56);
     let len = (NLMSG_HDR + 56) as u32;
     msg.extend_from_slice(&len.to_ne_bytes());
@@ -98,7 +107,7 @@ fn request(family: u8) -> Vec<u8> {
     msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
     // inet_diag_req_v2: family, protocol, extensions wanted, pad, states, then a zero sockid.
     msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 1 << (INET_DIAG_SKMEMINFO - 1), 0]);
-    msg.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    msg.extend_from_slice(&states.to_ne_bytes());
     msg.extend_from_slice(&[0u8; 48]);
     msg
 }

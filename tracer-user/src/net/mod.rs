@@ -301,7 +301,7 @@ impl Sampler {
 }
 
 /// Inodes of the target's sockets, from /proc/PID/fd links such as `socket:[12345]`.
-fn socket_inodes(pid: u32) -> HashSet<u64> {
+pub fn socket_inodes(pid: u32) -> HashSet<u64> {
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return HashSet::new() };
     dir.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
         .filter_map(|link| link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())

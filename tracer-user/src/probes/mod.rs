@@ -34,8 +34,27 @@ pub struct Probes {
     net: NetGlobals,
 }
 
+/// Calls at least this long get a stack.
+const STACK_MIN_NS: u64 = 1_000_000;
+/// The stall sampler's period: 100 samples a second of a thread already past its threshold.
+pub const SAMPLE_PERIOD_NS: u64 = 10_000_000;
+
+/// Where the user registers sit in `struct pt_regs` on this architecture.
+struct RegsGlobals {
+    ip: u64,
+    sp: u64,
+    bp: u64,
+}
+
+impl RegsGlobals {
+    fn read(types: &btf::KernelTypes) -> Result<Self> {
+        Ok(Self { ip: types.offset("pt_regs", "ip")?, sp: types.offset("pt_regs", "sp")?, bp: types.offset("pt_regs", "bp")? })
+    }
+}
+
 /// What the net group's programs need to know about this kernel.
 struct NetGlobals {
+    types: btf::KernelTypes,
     skc_num: u64,
     ack_backlog: u64,
     max_ack_backlog: u64,
@@ -73,6 +92,7 @@ impl NetGlobals {
             kfree_rx_sk,
             rst_sport,
             rst_sport_in_sockaddr: in_sockaddr,
+            types,
         })
     }
 }
@@ -86,6 +106,8 @@ impl Probes {
         let conn = syscall_set::<CONN_SYSCALLS_LEN>(&CONN_NRS);
         let accept = syscall_set::<2>(&ACCEPT_NRS);
         let net = NetGlobals::read()?;
+        let regs = RegsGlobals::read(&net.types)?;
+        let stacks_on = u64::from(config.groups & group::STACKS != 0);
         let ebpf = EbpfLoader::new()
             .override_global(globals::SCHED_PREV_STATE_OFF, &prev_state, true)
             .override_global(globals::SCHED_NEXT_PID_OFF, &next_pid, true)
@@ -100,6 +122,12 @@ impl Probes {
             .override_global(globals::KFREE_RX_SK_OFF, &net.kfree_rx_sk, true)
             .override_global(globals::RST_SPORT_OFF, &net.rst_sport, true)
             .override_global(globals::RST_SPORT_IN_SOCKADDR, &net.rst_sport_in_sockaddr, true)
+            .override_global(globals::STACKS_ON, &stacks_on, true)
+            .override_global(globals::STACK_MIN_NS, &STACK_MIN_NS, true)
+            .override_global(globals::SAMPLE_PERIOD_NS, &SAMPLE_PERIOD_NS, true)
+            .override_global(globals::PT_REGS_IP_OFF, &regs.ip, true)
+            .override_global(globals::PT_REGS_SP_OFF, &regs.sp, true)
+            .override_global(globals::PT_REGS_BP_OFF, &regs.bp, true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer")))
             .context("loading the eBPF object")?;
         Ok(Self { ebpf, attached: Vec::new(), notes: Vec::new(), net })
@@ -134,6 +162,28 @@ impl Probes {
         if config.groups & group::NET != 0 {
             self.attach_net(target)?;
         }
+        if config.groups & group::STACKS != 0 {
+            self.attach_sampler()?;
+        }
+        Ok(())
+    }
+
+    /// A CPU-clock perf event on every CPU runs `stall_sample`, which keeps only samples of a
+    /// loop thread already past its threshold.
+    fn attach_sampler(&mut self) -> Result<()> {
+        use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
+        let p: &mut aya::programs::PerfEvent = program(&mut self.ebpf, "stall_sample")?.try_into()?;
+        p.load().context("loading stall_sample")?;
+        for cpu in aya::util::online_cpus().map_err(|(_, e)| e)? {
+            p.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Period(SAMPLE_PERIOD_NS),
+                false,
+            )
+            .with_context(|| format!("attaching the stall sampler on CPU {cpu}"))?;
+        }
+        self.attached.push(format!("perf cpu-clock every {}ms", SAMPLE_PERIOD_NS / 1_000_000));
         Ok(())
     }
 
@@ -239,6 +289,10 @@ impl Probes {
 
     pub fn lost_stalls(&self) -> u64 {
         self.counter(counter::LOST_STALLS).unwrap_or(0)
+    }
+
+    pub fn lost_stacks(&self) -> u64 {
+        self.counter(counter::LOST_STACKS).unwrap_or(0)
     }
 }
 

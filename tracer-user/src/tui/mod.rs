@@ -122,7 +122,8 @@ fn handle_key(code: KeyCode, app: &App, view: &mut View) -> bool {
 
 fn write_flame(app: &App) -> Result<PathBuf> {
     let path = PathBuf::from(format!("stalltrace-{}-{}.svg", app.pid, app.started.elapsed().as_secs()));
-    let lines = flame::folded(&app.stalls);
+    let records: Vec<serde_json::Value> = app.stalls.iter().filter_map(|s| serde_json::to_value(s).ok()).collect();
+    let lines = flame::folded(&records);
     if lines.is_empty() {
         anyhow::bail!("no stalls yet");
     }

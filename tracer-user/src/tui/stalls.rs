@@ -28,6 +28,9 @@ pub fn visible<'a>(app: &'a App, view: &View) -> Vec<&'a Stall> {
 
 /// What a stall's time went to, in a few characters: its largest measured component.
 pub fn top_frame(s: &Stall) -> String {
+    if let Some(frame) = s.top_frame() {
+        return frame.to_string();
+    }
     match s.verdict {
         Verdict::AllocatorPurge if s.madvise.ns >= s.munmap.ns.max(s.mremap.ns) => "madvise".into(),
         Verdict::AllocatorPurge if s.munmap.ns >= s.mremap.ns => "munmap".into(),
@@ -82,7 +85,7 @@ pub fn draw_table(f: &mut Frame, area: Rect, app: &App, view: &View) {
 pub fn draw_detail(f: &mut Frame, screen: Rect, app: &App, view: &View) {
     let stalls = visible(app, view);
     let Some(s) = stalls.get(view.selected) else { return };
-    let area = centered(screen, 70, 18);
+    let area = centered(screen, 76, 30);
     f.render_widget(Clear, area);
     let block = Block::bordered().title(format!(" stall on {} [{}], Esc closes ", s.comm, s.tid));
     f.render_widget(Paragraph::new(detail_lines(s)).block(block).wrap(Wrap { trim: false }), area);
@@ -124,6 +127,13 @@ fn detail_lines(s: &Stall) -> Vec<Line<'static>> {
             "net: {} overflows, {} new conns during; {} overflows, {} new conns in the 500ms after",
             net.during.overflows, net.during.new_connections, net.after.overflows, net.after.new_connections
         )));
+    }
+    if let Some(w) = s.stacks.first() {
+        lines.push(Line::from(format!("stack ({} of stall time, {}), leaf last:", human_ns(w.weight_ns), w.kind)));
+        let shown = w.frames.iter().filter(|f| !f.starts_with("[k] ")).collect::<Vec<_>>();
+        for f in &shown[shown.len().saturating_sub(12)..] {
+            lines.push(Line::from(format!("  {f}")));
+        }
     }
     lines
 }

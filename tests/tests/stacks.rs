@@ -1,0 +1,62 @@
+//! Stacks from binaries without frame pointers, and the flame graphs made of them.
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use tests::{LineClient, Proc, Tracer, assert_stack_order, stalls, stalltrace_bin};
+
+/// Our C epoll server built with -O2 -fomit-frame-pointer: FILL touches memory, PURGE runs
+/// chain_a -> chain_b -> chain_c -> chain_d -> chain_e -> madvise.
+fn chain_server() -> (Proc, u16) {
+    let mut child = Command::new(env!("WORKLOAD_CHAIN_SERVER")).stdout(Stdio::piped()).spawn().expect("chain_server");
+    let stdout = child.stdout.take().expect("stdout");
+    let proc = Proc { child };
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("port line");
+    (proc, line.trim().parse().expect("a port"))
+}
+
+#[test]
+fn a_purge_in_a_five_function_chain_without_frame_pointers_has_all_five_in_order() {
+    let (server, port) = chain_server();
+    let mut client = LineClient::connect(port).unwrap();
+    client.call("FILL 512").unwrap();
+    let dir = std::env::temp_dir().join(format!("stalltrace-flame-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (svg, folded) = (dir.join("live.svg"), dir.join("live.folded"));
+    let tracer = Tracer::start(
+        server.pid(),
+        &["--flame", svg.to_str().unwrap(), "--folded", folded.to_str().unwrap()],
+    )
+    .unwrap();
+    client.call("PURGE").unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let records = tracer.stop().unwrap();
+    let purge = stalls(&records).into_iter().find(|s| s["madvise"]["calls"].as_u64() > Some(0)).expect("the purge stall");
+    eprintln!("chain stack: {:#?}", tests::stack(purge));
+    assert_stack_order(purge, &["main", "chain_a", "chain_b", "chain_c", "chain_d", "chain_e", "madvise"]);
+
+    // The live session's flame graph and folded stacks hold the chain too.
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<?xml") && text.trim_end().ends_with("</svg>"), "not an SVG document");
+    assert!(text.contains("chain_e") && text.contains("allocator_purge"), "frames missing from the SVG");
+    let lines = std::fs::read_to_string(&folded).unwrap();
+    assert!(lines.lines().any(|l| l.starts_with("allocator_purge;") && l.contains("chain_a;chain_b;chain_c;chain_d;chain_e")), "{lines}");
+
+    // Brendan Gregg's tooling (inferno's flamegraph) reads the folded file.
+    let rendered = Command::new("inferno-flamegraph").arg(&folded).output().expect("inferno-flamegraph (cargo xtask setup installs it)");
+    assert!(rendered.status.success());
+    assert!(String::from_utf8_lossy(&rendered.stdout).contains("chain_e"));
+
+    // And `stalltrace flame` makes the same picture from a recorded JSON run.
+    let jsonl = dir.join("run.jsonl");
+    std::fs::write(&jsonl, records.iter().map(|r| r.to_string() + "\n").collect::<String>()).unwrap();
+    let offline = dir.join("offline.svg");
+    let status = Command::new(stalltrace_bin()).args(["flame"]).arg(&jsonl).arg("-o").arg(&offline).status().unwrap();
+    assert!(status.success());
+    assert!(std::fs::read_to_string(&offline).unwrap().contains("chain_e"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

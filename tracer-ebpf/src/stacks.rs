@@ -1,0 +1,106 @@
+//! Stacks group: where a stall's time goes, captured only when it is already known to matter
+//! (a slow call has returned, or the iteration is past its threshold), so normal iterations
+//! cost nothing. Distro binaries have no frame pointers, so the kernel sends registers and the
+//! top of the user stack, and userspace unwinds them from .eh_frame.
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user_buf, bpf_task_pt_regs},
+    macros::{map, perf_event},
+    maps::{RingBuf, StackTrace},
+    programs::{PerfEventContext, tracing::StackIdContext},
+};
+use tracer_common::{STACK_BYTES, StackEvent, ThreadState, counter, stack_kind};
+
+use crate::state::{TARGETS, count, current_tid, now, thread};
+
+/// 16 KiB records, a few per slow call or sampled stall: 16 MiB rides out a burst.
+#[map]
+pub static STACK_EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+#[map]
+pub static KSTACKS: StackTrace = StackTrace::with_max_entries(4096, 0);
+
+#[unsafe(no_mangle)]
+static STACKS_ON: u64 = 0;
+#[unsafe(no_mangle)]
+static STACK_MIN_NS: u64 = 1_000_000;
+#[unsafe(no_mangle)]
+static SAMPLE_PERIOD_NS: u64 = 10_000_000;
+#[unsafe(no_mangle)]
+static PT_REGS_IP_OFF: u64 = 128;
+#[unsafe(no_mangle)]
+static PT_REGS_SP_OFF: u64 = 152;
+#[unsafe(no_mangle)]
+static PT_REGS_BP_OFF: u64 = 32;
+
+#[inline(always)]
+fn global(v: &u64) -> u64 {
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+/// Whether a call that took `ns` deserves a stack.
+#[inline(always)]
+pub fn slow(ns: u64) -> bool {
+    global(&STACKS_ON) != 0 && ns >= global(&STACK_MIN_NS)
+}
+
+/// The timer-driven sampler: keeps a sample only for a loop thread whose current iteration
+/// has already run past its target's threshold.
+#[perf_event]
+pub fn stall_sample(ctx: PerfEventContext) -> u32 {
+    let tid = current_tid();
+    let Some(s) = thread(tid) else { return 0 };
+    if s.iter_start_ns == 0 {
+        return 0;
+    }
+    let Some(t) = (unsafe { TARGETS.get(s.tgid) }) else { return 0 };
+    if now().saturating_sub(s.iter_start_ns) < t.threshold_ns {
+        return 0;
+    }
+    capture(&ctx, s, tid, stack_kind::SAMPLE, global(&SAMPLE_PERIOD_NS));
+    0
+}
+
+/// Sends the calling thread's user registers, the top of its user stack and its kernel stack.
+#[inline(never)]
+pub fn capture<C: EbpfContext + StackIdContext>(ctx: &C, s: &ThreadState, tid: u32, kind: u32, weight_ns: u64) {
+    let Some(mut entry) = STACK_EVENTS.reserve::<StackEvent>(0) else {
+        count(counter::LOST_STACKS);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved record; every field is written before submit (the
+    // record is too big to build on the 512-byte BPF stack and copy).
+    unsafe {
+        (*ev).pid = s.tgid;
+        (*ev).tid = tid;
+        (*ev).iter_start_ns = s.iter_start_ns;
+        (*ev).weight_ns = weight_ns;
+        (*ev).kind = kind;
+        // At a syscall's exit the kernel stack is only the exit path; a timer sample that
+        // lands in the kernel shows where the kernel spends the stall.
+        (*ev).kstack_id = if kind == stack_kind::SAMPLE { ctx.get_stackid(&KSTACKS, 0).map_or(-1, |id| id as i32) } else { -1 };
+        // The user registers, wherever the thread is now (in a syscall, or interrupted).
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        let reg = |off: &u64| bpf_probe_read_kernel(regs.add(global(off) as usize).cast::<u64>()).unwrap_or(0);
+        (*ev).ip = reg(&PT_REGS_IP_OFF);
+        (*ev).sp = reg(&PT_REGS_SP_OFF);
+        (*ev).bp = reg(&PT_REGS_BP_OFF);
+        (*ev).stack_len = copy_stack((*ev).sp, &mut (*ev).stack);
+    }
+    entry.submit(0);
+    count(counter::STACKS);
+}
+
+/// Copies as much of the stack as exists: a read that crosses the top of the stack mapping
+/// fails whole, so smaller sizes are tried in turn.
+#[inline(always)]
+unsafe fn copy_stack(sp: u64, buf: &mut [u8; STACK_BYTES]) -> u64 {
+    let src = sp as *const u8;
+    for len in [STACK_BYTES, STACK_BYTES / 2, STACK_BYTES / 4, STACK_BYTES / 8, STACK_BYTES / 16] {
+        if unsafe { bpf_probe_read_user_buf(src, &mut buf[..len]) }.is_ok() {
+            return len as u64;
+        }
+    }
+    0
+}

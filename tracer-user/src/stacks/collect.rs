@@ -1,0 +1,111 @@
+//! Stack records from the kernel, unwound and symbolized as they arrive (while the target
+//! and its mappings are still there), kept per iteration until that iteration's stall is
+//! reported.
+use std::collections::{BTreeMap, HashMap};
+
+use aya::maps::{MapData, RingBuf, StackTraceMap};
+use serde::Serialize;
+use tracer_common::{StackEvent, stack_kind};
+
+use super::{symbolize::Symbols, unwind::Unwinder};
+
+/// Stacks of iterations whose stall never came (shorter than the threshold after all) are
+/// dropped after this long.
+const KEEP_NS: u64 = 120_000_000_000;
+/// Distinct stacks a stall record carries.
+pub const STACKS_PER_STALL: usize = 5;
+
+/// One distinct stack and the stall time it stands for.
+#[derive(Clone, Debug, Serialize)]
+pub struct WeightedStack {
+    /// Root first, leaf last; kernel frames (prefixed "[k] ") after the user ones.
+    pub frames: Vec<String>,
+    pub weight_ns: u64,
+    /// Where it was taken: "purge", "syscall", "alloc" or "sample".
+    pub kind: &'static str,
+    pub count: u64,
+}
+
+pub struct StackCollector {
+    ring: RingBuf<MapData>,
+    kstacks: StackTraceMap<MapData>,
+    unwinders: HashMap<u32, Unwinder>,
+    symbols: Symbols,
+    by_iteration: HashMap<(u32, u64), Vec<WeightedStack>>,
+    pub received: u64,
+}
+
+impl StackCollector {
+    pub fn new(ring: RingBuf<MapData>, kstacks: StackTraceMap<MapData>) -> Self {
+        Self {
+            ring,
+            kstacks,
+            unwinders: HashMap::new(),
+            symbols: Symbols::new(),
+            by_iteration: HashMap::new(),
+            received: 0,
+        }
+    }
+
+    /// Unwinds and symbolizes every record waiting in the ring buffer.
+    pub fn drain(&mut self, now_ns: u64) {
+        let mut events = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() >= size_of::<StackEvent>() {
+                // SAFETY: the kernel wrote a whole StackEvent; read it unaligned.
+                events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StackEvent>()) });
+            }
+        }
+        for ev in events {
+            self.received += 1;
+            let stack = self.resolve(&ev);
+            self.by_iteration.entry((ev.tid, ev.iter_start_ns)).or_default().push(stack);
+        }
+        self.by_iteration.retain(|&(_, start), _| start + KEEP_NS > now_ns);
+    }
+
+    /// The stacks of one iteration, identical ones merged, heaviest first.
+    pub fn take(&mut self, tid: u32, iter_start_ns: u64) -> Vec<WeightedStack> {
+        let mut merged: BTreeMap<(Vec<String>, &'static str), (u64, u64)> = BTreeMap::new();
+        for s in self.by_iteration.remove(&(tid, iter_start_ns)).unwrap_or_default() {
+            let e = merged.entry((s.frames, s.kind)).or_default();
+            e.0 += s.weight_ns;
+            e.1 += 1;
+        }
+        let mut out: Vec<WeightedStack> = merged
+            .into_iter()
+            .map(|((frames, kind), (weight_ns, count))| WeightedStack { frames, weight_ns, kind, count })
+            .collect();
+        out.sort_by(|a, b| b.weight_ns.cmp(&a.weight_ns));
+        out
+    }
+
+    fn resolve(&mut self, ev: &StackEvent) -> WeightedStack {
+        let len = (ev.stack_len as usize).min(ev.stack.len());
+        let unwinder = self.unwinders.entry(ev.pid).or_insert_with(|| Unwinder::new(ev.pid));
+        let user = unwinder.unwind(ev.ip, ev.sp, ev.bp, &ev.stack[..len]);
+        let mut frames: Vec<String> = self.symbols.user(ev.pid, &user);
+        frames.reverse();
+        frames.extend(self.kernel_frames(ev.kstack_id).into_iter().map(|f| format!("[k] {f}")));
+        WeightedStack { frames, weight_ns: ev.weight_ns, kind: kind_name(ev.kind), count: 1 }
+    }
+
+    /// Kernel frames root first (the stack map holds them leaf first).
+    fn kernel_frames(&mut self, id: i32) -> Vec<String> {
+        let Ok(id) = u32::try_from(id) else { return Vec::new() };
+        let Ok(trace) = self.kstacks.get(&id, 0) else { return Vec::new() };
+        let addrs: Vec<u64> = trace.frames().iter().map(|f| f.ip).filter(|&ip| ip != 0).collect();
+        let mut names = self.symbols.kernel(&addrs);
+        names.reverse();
+        names
+    }
+}
+
+fn kind_name(kind: u32) -> &'static str {
+    match kind {
+        stack_kind::PURGE => "purge",
+        stack_kind::SYSCALL => "syscall",
+        stack_kind::ALLOC => "alloc",
+        _ => "sample",
+    }
+}
