@@ -4,12 +4,12 @@ use std::{env, path::PathBuf, process::Command};
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
-    for name in ["chain_server"] {
+    for name in ["chain_server", "pool_server"] {
         let src = format!("workloads/{name}.c");
         println!("cargo:rerun-if-changed={src}");
         let bin = out.join(name);
         let status = Command::new("cc")
-            .args(["-O2", "-fomit-frame-pointer", "-o"])
+            .args(["-O2", "-fomit-frame-pointer", "-pthread", "-o"])
             .arg(&bin)
             .arg(&src)
             .status()

@@ -9,6 +9,7 @@ use crate::{
     attribution::{Stall, Verdict},
     histogram::Histogram,
     net::{Sample, storm::Storm},
+    starvation::Starvation,
 };
 
 /// Stalls kept for the views; the summary counts every one.
@@ -60,6 +61,9 @@ pub struct App {
     pub stacks_received: u64,
     pub storms: Vec<Storm>,
     pub listeners: Vec<ListenerView>,
+    /// The starvation going on now, if any, and how many have been seen.
+    pub starving: Option<Starvation>,
+    pub starvations: u64,
 }
 
 impl App {
@@ -78,7 +82,16 @@ impl App {
             stacks_received: 0,
             storms: Vec::new(),
             listeners: Vec::new(),
+            starving: None,
+            starvations: 0,
         }
+    }
+
+    pub fn starvation(&mut self, s: Starvation) {
+        if s.state == "start" {
+            self.starvations += 1;
+        }
+        self.starving = (s.state != "end").then_some(s);
     }
 
     pub fn record(&mut self, stall: Stall) {

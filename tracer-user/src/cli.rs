@@ -58,9 +58,15 @@ pub struct CommonArgs {
     /// In text mode, print iteration histograms this often.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub interval: Duration,
-    /// Probe groups: a comma list of loop, purge, sched, syscalls, net, stacks, alloc; or "default", "all".
+    /// Probe groups: a comma list of loop, purge, sched, syscalls, net, stacks, park, alloc; or "default", "all".
     #[arg(long, default_value = "default", value_parser = parse_groups)]
     pub probes: u32,
+    /// A thread group this long asleep with nobody waking it, while work waits, is starved.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub starve_after: Duration,
+    /// Share of a thread group that must be asleep for starvation.
+    #[arg(long, default_value_t = 0.9)]
+    pub starve_share: f64,
     /// Connection attempts per second on one listener that make a storm (any overflow does too).
     #[arg(long, default_value_t = 1000)]
     pub storm_rate: u64,
@@ -99,7 +105,7 @@ pub struct DemoServerArgs {
 
 /// Default groups: what the measurements say costs the traced server nothing noticeable.
 pub const DEFAULT_GROUPS: u32 =
-    group::LOOP | group::PURGE | group::SCHED | group::SYSCALLS | group::NET | group::STACKS;
+    group::LOOP | group::PURGE | group::SCHED | group::SYSCALLS | group::NET | group::STACKS | group::PARK;
 pub const ALL_GROUPS: u32 = DEFAULT_GROUPS | group::ALLOC;
 
 pub fn parse_groups(s: &str) -> Result<u32> {
@@ -115,7 +121,8 @@ pub fn parse_groups(s: &str) -> Result<u32> {
             "alloc" => group::ALLOC,
             "net" => group::NET,
             "stacks" => group::STACKS,
-            other => bail!("unknown probe group {other:?} (loop, purge, sched, syscalls, net, stacks, alloc, default, all)"),
+            "park" => group::PARK,
+            other => bail!("unknown probe group {other:?} (loop, purge, sched, syscalls, net, stacks, park, alloc, default, all)"),
         };
     }
     Ok(groups)

@@ -10,6 +10,7 @@ mod probes;
 mod report;
 mod session;
 mod stacks;
+mod starvation;
 mod target;
 mod tui;
 
@@ -68,6 +69,11 @@ pub fn trace(pid: u32, common: &CommonArgs) -> Result<()> {
         duration: common.duration,
         probes: ProbeConfig { groups: common.probes, alloc_funcs: common.alloc_funcs.clone() },
         storm_rate: common.storm_rate,
+        starvation: starvation::StarveConfig {
+            share: common.starve_share,
+            threshold_ns: common.starve_after.as_nanos() as u64,
+            ..Default::default()
+        },
     };
     let mut session = Session::attach(&opts)?;
     if common.json {

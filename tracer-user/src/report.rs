@@ -14,6 +14,7 @@ use crate::{
     histogram::{Bucket, Histogram, Percentiles, human_bytes, human_ns},
     net::{ListenerSample, NetDelta, storm::Storm},
     session::{Event, Session},
+    starvation::Starvation,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +44,7 @@ struct Summary<'a> {
     storms: usize,
     lost: u64,
     stacks: u64,
+    starvations: u64,
     lost_stacks: u64,
     threads: Vec<ThreadSummary<'a>>,
     listeners: Vec<ListenerSummary>,
@@ -136,8 +138,44 @@ impl Reporter {
             (Format::Json, Event::Storm(s)) => serde_json::to_string(s).expect("storm serializes"),
             (Format::Human, Event::Stall(s)) => self.stall_line(s),
             (Format::Human, Event::Storm(s)) => self.storm_line(s),
+            (Format::Json, Event::Starvation(s)) => serde_json::to_string(s).expect("starvation serializes"),
+            (Format::Human, Event::Starvation(s)) => self.starvation_text(s),
         };
         print_line(&line);
+    }
+
+    fn starvation_text(&self, s: &Starvation) -> String {
+        let wall = wall_clock((s.since_ns as i128 + s.duration_ns as i128 + self.wall_offset_ns) as u64);
+        if s.state == "end" {
+            return format!("{wall} STARVATION ended after {}", human_ns(s.duration_ns));
+        }
+        let mut out = format!(
+            "{wall} STARVATION {} for {}: unread bytes {} ({:+} in the window), accept queue {}",
+            s.state,
+            human_ns(s.duration_ns),
+            s.work.unread_bytes,
+            s.work.unread_growth,
+            s.work.accept_queue
+        );
+        for g in &s.groups {
+            out += &format!(
+                "\n   {}: {}/{} threads asleep for {}{}; last wakeup {}",
+                g.name,
+                g.parked,
+                g.threads,
+                human_ns(g.parked_for_ns),
+                if g.closed_cycle { ", a closed wait cycle (they wait on each other)" } else { "" },
+                g.last_wakeup.as_ref().map_or("never seen".into(), |w| format!("{} ago from {} [{}]", human_ns(w.ns_ago), w.by_comm, w.by_tid)),
+            );
+            for w in &g.waits {
+                out += &format!("\n      {} threads on {} {:?}", w.threads, w.wait, w.tids);
+                let frames = &w.stack[w.stack.len().saturating_sub(6)..];
+                if !frames.is_empty() {
+                    out += &format!("\n         at {}", frames.join(" > "));
+                }
+            }
+        }
+        out
     }
 
     fn storm_line(&self, s: &Storm) -> String {
@@ -266,6 +304,7 @@ impl Reporter {
                     storms: app.storms.len(),
                     lost: app.lost,
                     stacks: app.stacks_received,
+                    starvations: app.starvations,
                     lost_stacks: app.lost_stacks,
                     threads,
                     listeners,

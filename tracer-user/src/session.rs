@@ -24,6 +24,7 @@ use crate::{
     probes::{ProbeConfig, Probes},
     report::clock_ns,
     stacks::collect::{STACKS_PER_STALL, StackCollector},
+    starvation::{StarvationMonitor, StarveConfig, Starvation},
     target::{self, Target},
 };
 
@@ -34,13 +35,18 @@ pub struct TraceOptions {
     pub probes: ProbeConfig,
     /// Connection attempts per second on one listener that make a storm.
     pub storm_rate: u64,
+    pub starvation: StarveConfig,
 }
 
 /// What the front ends print.
 pub enum Event {
     Stall(Stall),
     Storm(Storm),
+    Starvation(Starvation),
 }
+
+/// How often the process's threads are looked at for starvation.
+const STARVE_POLL: Duration = Duration::from_millis(500);
 
 /// The net group's part of a session.
 struct Net {
@@ -57,6 +63,7 @@ pub struct Session {
     target: Target,
     net: Option<Net>,
     stacks: Option<StackCollector>,
+    starvation: Option<(StarvationMonitor, Instant)>,
     pub app: App,
     stop: Arc<AtomicBool>,
     deadline: Option<Instant>,
@@ -78,9 +85,15 @@ impl Session {
         let ring = RingBuf::try_from(probes.ebpf.take_map(maps::STALLS).context("STALLS map")?)?;
         let net = if opts.probes.groups & group::NET != 0 { Some(start_net(&mut probes, &target, opts)?) } else { None };
         let stacks = if opts.probes.groups & group::STACKS != 0 { Some(start_stacks(&mut probes)?) } else { None };
+        let starvation = if opts.probes.groups & group::PARK != 0 {
+            let parked = HashMap::try_from(probes.ebpf.take_map(maps::PARKED).context("PARKED map")?)?;
+            Some((StarvationMonitor::new(target.pid, parked, opts.starvation.clone())?, Instant::now()))
+        } else {
+            None
+        };
         let app = App::new(target.pid, target.comm.clone(), opts.threshold_ns);
         let deadline = opts.duration.map(|d| Instant::now() + d);
-        Ok(Self { probes, ring, target, net, stacks, app, stop, deadline })
+        Ok(Self { probes, ring, target, net, stacks, starvation, app, stop, deadline })
     }
 
     pub fn banner(&self) -> String {
@@ -143,14 +156,21 @@ impl Session {
                 s.stacks.truncate(STACKS_PER_STALL);
             }
         }
-        let events = match self.net.as_mut() {
+        let mut events = match self.net.as_mut() {
             None => stalls.into_iter().map(Event::Stall).collect(),
             Some(net) => net.advance(stalls, &self.app, self.target.pid, flush),
         };
+        if let Some((monitor, next)) = self.starvation.as_mut()
+            && Instant::now() >= *next
+        {
+            *next = Instant::now() + STARVE_POLL;
+            events.extend(monitor.poll().map(Event::Starvation));
+        }
         for e in &events {
             match e {
                 Event::Stall(s) => self.app.record(s.clone()),
                 Event::Storm(s) => self.app.storms.push(s.clone()),
+                Event::Starvation(s) => self.app.starvation(s.clone()),
             }
         }
         events
@@ -274,7 +294,7 @@ impl Net {
 fn known_stalls(app: &App, now: &[Event], pending: &[Stall]) -> Vec<(u64, u64, u32)> {
     let reported = app.stalls.iter().chain(pending).chain(now.iter().filter_map(|e| match e {
         Event::Stall(s) => Some(s),
-        Event::Storm(_) => None,
+        Event::Storm(_) | Event::Starvation(_) => None,
     }));
     let mut out: Vec<_> = reported.map(|s| (s.start_ns, s.start_ns + s.duration_ns, s.tid)).collect();
     let now_ns = clock_ns(libc::CLOCK_MONOTONIC);

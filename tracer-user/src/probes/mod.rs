@@ -108,6 +108,8 @@ impl Probes {
         let net = NetGlobals::read()?;
         let regs = RegsGlobals::read(&net.types)?;
         let stacks_on = u64::from(config.groups & group::STACKS != 0);
+        let park_on = u64::from(config.groups & group::PARK != 0);
+        let waking_pid = tracefs::field_offset("sched", "sched_waking", "pid")?;
         let ebpf = EbpfLoader::new()
             .override_global(globals::SCHED_PREV_STATE_OFF, &prev_state, true)
             .override_global(globals::SCHED_NEXT_PID_OFF, &next_pid, true)
@@ -123,6 +125,8 @@ impl Probes {
             .override_global(globals::RST_SPORT_OFF, &net.rst_sport, true)
             .override_global(globals::RST_SPORT_IN_SOCKADDR, &net.rst_sport_in_sockaddr, true)
             .override_global(globals::STACKS_ON, &stacks_on, true)
+            .override_global(globals::PARK_ON, &park_on, true)
+            .override_global(globals::WAKING_PID_OFF, &waking_pid, true)
             .override_global(globals::STACK_MIN_NS, &STACK_MIN_NS, true)
             .override_global(globals::SAMPLE_PERIOD_NS, &SAMPLE_PERIOD_NS, true)
             .override_global(globals::PT_REGS_IP_OFF, &regs.ip, true)
@@ -149,8 +153,12 @@ impl Probes {
         if config.groups & group::PURGE != 0 {
             self.attach_purge()?;
         }
-        if config.groups & group::SCHED != 0 {
+        // The park group keeps its sleep bookkeeping in the same sched_switch program.
+        if config.groups & (group::SCHED | group::PARK) != 0 {
             self.tracepoint("sched_switch", "sched", &["sched_switch"])?;
+        }
+        if config.groups & group::PARK != 0 {
+            self.tracepoint("thread_waking", "sched", &["sched_waking"])?;
         }
         if config.groups & group::SYSCALLS != 0 {
             self.tracepoint("sys_enter", "raw_syscalls", &["sys_enter"])?;

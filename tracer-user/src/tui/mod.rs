@@ -135,7 +135,7 @@ fn draw(f: &mut Frame, app: &App, view: &View) {
     let [header, top, progress, table, footer] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(if app.listeners.is_empty() { 10 } else { 13 }),
-        Constraint::Length(u16::from(!app.in_progress.is_empty())),
+        Constraint::Length(u16::from(!app.in_progress.is_empty() || app.starving.is_some())),
         Constraint::Min(4),
         Constraint::Length(1),
     ])
@@ -184,13 +184,21 @@ fn footer_line(view: &View) -> Paragraph<'static> {
 }
 
 fn draw_in_progress(f: &mut Frame, area: Rect, app: &App) {
-    let Some(p) = app.in_progress.iter().max_by_key(|p| p.elapsed_ns) else { return };
-    let text = format!(
-        " STALL IN PROGRESS: thread {} ({}) has been in one iteration for {}",
-        p.tid,
-        p.comm,
-        human_ns(p.elapsed_ns)
-    );
+    let text = if let Some(s) = &app.starving {
+        let g = s.groups.first();
+        format!(
+            " STARVATION: {} {}/{} threads asleep {} with nobody waking them{}",
+            g.map_or("?", |g| g.name.as_str()),
+            g.map_or(0, |g| g.parked),
+            g.map_or(0, |g| g.threads),
+            human_ns(s.duration_ns),
+            if g.is_some_and(|g| g.closed_cycle) { " (wait cycle)" } else { "" }
+        )
+    } else if let Some(p) = app.in_progress.iter().max_by_key(|p| p.elapsed_ns) {
+        format!(" STALL IN PROGRESS: thread {} ({}) has been in one iteration for {}", p.tid, p.comm, human_ns(p.elapsed_ns))
+    } else {
+        return;
+    };
     let style = Style::default().fg(Color::White).bg(Color::Red).add_modifier(Modifier::BOLD);
     f.render_widget(Paragraph::new(text).style(style), area);
 }
