@@ -47,16 +47,21 @@ pub struct LoopServer {
 
 impl LoopServer {
     pub fn start(jemalloc: bool) -> Result<Self> {
-        Self::start_with(Command::new(stalltrace_bin()), jemalloc, 511)
+        Self::start_with(Command::new(stalltrace_bin()), jemalloc, &[])
     }
 
     /// In the namespace, with the given listen backlog.
     pub fn start_in(ns: &Netns, backlog: u32) -> Result<Self> {
-        Self::start_with(ns.command(stalltrace_bin()), false, backlog)
+        Self::start_with(ns.command(stalltrace_bin()), false, &["--backlog", &backlog.to_string()])
     }
 
-    fn start_with(mut cmd: Command, jemalloc: bool, backlog: u32) -> Result<Self> {
-        cmd.args(["demo-server", "--port", "0", "--backlog", &backlog.to_string()]).stdout(Stdio::piped());
+    /// With a process name of its own, for tests that find it by name.
+    pub fn start_named(name: &str) -> Result<Self> {
+        Self::start_with(Command::new(stalltrace_bin()), false, &["--name", name])
+    }
+
+    fn start_with(mut cmd: Command, jemalloc: bool, extra: &[&str]) -> Result<Self> {
+        cmd.args(["demo-server", "--port", "0"]).args(extra).stdout(Stdio::piped());
         if jemalloc {
             cmd.env("LD_PRELOAD", JEMALLOC).env("MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0");
         }

@@ -13,9 +13,10 @@ use tracer_common::{STACK_BYTES, StackEvent, ThreadState, counter, stack_kind};
 
 use crate::state::{TARGETS, count, current_tid, now, thread};
 
-/// 16 KiB records, a few per slow call or sampled stall: 16 MiB rides out a burst.
+/// 16 KiB records, a few per slow call or sampled stall, drained every 100 ms: 4 MiB (256
+/// records) rides out a burst.
 #[map]
-pub static STACK_EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+pub static STACK_EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 #[map]
 pub static KSTACKS: StackTrace = StackTrace::with_max_entries(4096, 0);

@@ -19,9 +19,9 @@ pub static ITER_HIST: HashMap<u32, IterHist> = HashMap::with_max_entries(16384, 
 #[map]
 pub static ZERO_HIST: Array<IterHist> = Array::with_max_entries(1, 0);
 
-/// Stall records only: a few per second at most, so 4 MiB rides out a slow reader.
+/// Stall records only (~250 bytes): 2 MiB holds 8000, seconds of a reader that fell behind.
 #[map]
-pub static STALLS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+pub static STALLS: RingBuf = RingBuf::with_byte_size(2 << 20, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);

@@ -19,6 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a built-in event-loop server that stalls on purpose, and trace it.
     Demo(DemoArgs),
+    /// Run always on: attach to every process a TOML config names, journal and metrics.
+    Daemon(DaemonArgs),
     /// Render a flame graph from a recorded `--json` run.
     Flame(FlameArgs),
     /// The demo's event-loop server on its own (used by the demo and the tests).
@@ -82,6 +84,13 @@ pub struct DemoArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// The TOML config ([[target]] comm/exe/pid + threshold, [journal], [metrics], [flame]).
+    #[arg(long)]
+    pub config: std::path::PathBuf,
+}
+
+#[derive(Args, Debug)]
 pub struct FlameArgs {
     /// JSON lines written by `stalltrace --json`.
     pub input: std::path::PathBuf,
@@ -101,6 +110,9 @@ pub struct DemoServerArgs {
     /// listen(2) backlog: the accept queue's length (capped by net.core.somaxconn).
     #[arg(long, default_value_t = 511)]
     pub backlog: i32,
+    /// The process name (comm) it takes.
+    #[arg(long, default_value = "demo-loop")]
+    pub name: String,
 }
 
 /// Default groups: what the measurements say costs the traced server nothing noticeable.

@@ -2,6 +2,7 @@
 mod app;
 mod attribution;
 mod cli;
+mod daemon;
 mod demo;
 mod flame;
 mod histogram;
@@ -14,7 +15,13 @@ mod starvation;
 mod target;
 mod tui;
 
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::{
+    io::IsTerminal as _,
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicBool},
+};
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use anyhow::{Result, bail};
 use clap::Parser as _;
@@ -51,7 +58,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Demo(args)) => demo::run(&args.common),
-        Some(Command::DemoServer(args)) => demo::server::serve(args.port, args.backlog),
+        Some(Command::DemoServer(args)) => demo::server::serve(args.port, args.backlog, &args.name),
+        Some(Command::Daemon(args)) => daemon::run(&args.config),
         Some(Command::Flame(args)) => flame::from_jsonl(&args.input, &args.output, args.folded.as_deref()),
         None => {
             let Some(pid) = cli.trace.pid else {
@@ -75,7 +83,8 @@ pub fn trace(pid: u32, common: &CommonArgs) -> Result<()> {
             ..Default::default()
         },
     };
-    let mut session = Session::attach(&opts)?;
+    // SIGHUP too: a closed terminal or ssh session must detach cleanly, not kill us mid-way.
+    let mut session = Session::attach(&opts, stop_on_signals(&[SIGINT, SIGTERM, SIGHUP])?)?;
     if common.json {
         report::run(&mut session, Format::Json, None)?;
     } else if !common.no_tui && std::io::stdout().is_terminal() {
@@ -87,6 +96,15 @@ pub fn trace(pid: u32, common: &CommonArgs) -> Result<()> {
     }
     write_flames(&session.app, common)
     // Dropping the session detaches every link and unloads the programs.
+}
+
+/// A flag set by any of `signals`.
+pub fn stop_on_signals(signals: &[i32]) -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for &sig in signals {
+        signal_hook::flag::register(sig, Arc::clone(&flag))?;
+    }
+    Ok(flag)
 }
 
 fn write_flames(app: &app::App, common: &CommonArgs) -> Result<()> {

@@ -71,17 +71,14 @@ pub struct Session {
 
 impl Session {
     /// Checks the target and the privileges, then loads and attaches every requested group.
-    pub fn attach(opts: &TraceOptions) -> Result<Self> {
+    /// `stop` ends the session when set (signal handlers own it).
+    pub fn attach(opts: &TraceOptions, stop: Arc<AtomicBool>) -> Result<Self> {
         target::check_privileges()?;
         target::check_btf()?;
         let target = Target::open(opts.pid)?;
         let mut probes = Probes::load(&opts.probes)?;
         probes.add_target(target.pid, opts.threshold_ns)?;
         probes.attach(&opts.probes, &target)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handler")?;
-        }
         let ring = RingBuf::try_from(probes.ebpf.take_map(maps::STALLS).context("STALLS map")?)?;
         let net = if opts.probes.groups & group::NET != 0 { Some(start_net(&mut probes, &target, opts)?) } else { None };
         let stacks = if opts.probes.groups & group::STACKS != 0 { Some(start_stacks(&mut probes)?) } else { None };
@@ -174,6 +171,27 @@ impl Session {
             }
         }
         events
+    }
+
+    /// This session's counts for the daemon's metrics.
+    pub fn metrics(&self) -> crate::daemon::TargetMetrics {
+        let app = &self.app;
+        crate::daemon::TargetMetrics {
+            pid: app.pid,
+            stalls: app.by_verdict.iter().map(|(v, n)| (v.as_str(), *n)).collect(),
+            storms: app.storms.len() as u64,
+            starvations: app.starvations,
+            overflows: self.net_totals().map_or(0, |(per, _)| per.iter().map(|(_, d)| d.overflows).sum()),
+            lost: app.lost + app.lost_stacks,
+            iter: app.combined(|t| &t.iter),
+            purge: app.combined(|t| &t.purge),
+            alloc: app.combined(|t| &t.alloc),
+        }
+    }
+
+    /// Run time (ns) and runs of this session's programs, while BPF run-time stats are on.
+    pub fn bpf_run_stats(&self) -> (u64, u64) {
+        self.probes.run_stats()
     }
 
     /// Per-listener totals and the namespace's ListenOverflows delta, when the net group runs.

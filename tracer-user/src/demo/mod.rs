@@ -59,7 +59,7 @@ pub fn run(common: &CommonArgs) -> Result<()> {
 fn start_server() -> Result<(Child, u16)> {
     let exe = std::env::current_exe().context("locating the stalltrace binary")?;
     let mut cmd = Command::new(exe);
-    cmd.args(["demo-server", "--port", "0"]).stdout(Stdio::piped());
+    cmd.args(["demo-server", "--port", "0"]).stdout(Stdio::piped()).env("STALLTRACE_DEMO_CHILD", "1");
     // Its own process group: Ctrl-C stops the tracer, which then stops the server.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     match JEMALLOC.iter().find(|p| Path::new(p).exists()) {

@@ -16,9 +16,14 @@ use anyhow::{Context as _, Result, bail};
 
 const LISTENER: u64 = u64::MAX;
 
-pub fn serve(port: u16, backlog: i32) -> Result<()> {
+pub fn serve(port: u16, backlog: i32, name: &str) -> Result<()> {
     // A name of its own, so stall lines and `ps` tell the server from the tracer.
-    unsafe { libc::prctl(libc::PR_SET_NAME, c"demo-loop".as_ptr()) };
+    let name = std::ffi::CString::new(name).context("a process name without NUL bytes")?;
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    // The demo's server must not outlive the demo, however the demo ends.
+    if std::env::var_os("STALLTRACE_DEMO_CHILD").is_some() {
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+    }
     raise_fd_limit();
     let listener = listen(port, backlog)?;
     listener.set_nonblocking(true)?;

@@ -299,6 +299,15 @@ impl Probes {
         self.counter(counter::LOST_STALLS).unwrap_or(0)
     }
 
+    /// Run time (ns) and runs of every loaded program of ours (counted while BPF run-time
+    /// stats are enabled).
+    pub fn run_stats(&self) -> (u64, u64) {
+        self.ebpf
+            .programs()
+            .filter_map(|(_, p)| p.info().ok())
+            .fold((0, 0), |(ns, n), i| (ns + i.run_time().as_nanos() as u64, n + i.run_count()))
+    }
+
     pub fn lost_stacks(&self) -> u64 {
         self.counter(counter::LOST_STACKS).unwrap_or(0)
     }
