@@ -86,7 +86,8 @@ fn spinning_is_app_code() {
 fn sleeping_is_off_cpu_blocked() {
     let server = LoopServer::start(false).unwrap();
     let mut client = server.client().unwrap();
-    let tracer = Tracer::start(server.proc.pid(), &[]).unwrap();
+    // The syscalls group (off by default) names the syscall the thread slept in.
+    let tracer = Tracer::start(server.proc.pid(), &["--probes", "default,syscalls"]).unwrap();
     client.call("SLEEP 200").unwrap();
     thread::sleep(Duration::from_millis(200));
     let records = tracer.stop().unwrap();

@@ -78,6 +78,11 @@ pub mod group {
 
 /// Names of the globals userspace overrides at load time.
 pub mod globals {
+    /// u32 tgid of the traced process: a program set traces one process, and every other
+    /// process leaves the hot programs after one compare.
+    pub const TARGET_TGID: &str = "TARGET_TGID";
+    /// u64 iterations at least this long (ns) are sent as stall records.
+    pub const THRESHOLD_NS: &str = "THRESHOLD_NS";
     /// u64 offset of `prev_state` in the sched_switch tracepoint record (from tracefs format).
     pub const SCHED_PREV_STATE_OFF: &str = "SCHED_PREV_STATE_OFF";
     /// u64 offset of `next_pid` in the sched_switch tracepoint record.
@@ -120,7 +125,6 @@ pub mod globals {
 
 /// Map names.
 pub mod maps {
-    pub const TARGETS: &str = "TARGETS";
     pub const THREADS: &str = "THREADS";
     pub const ITER_HIST: &str = "ITER_HIST";
     pub const STALLS: &str = "STALLS";
@@ -133,7 +137,7 @@ pub mod maps {
 }
 
 /// Number of syscall numbers in `SKIP_SYSCALLS`.
-pub const SKIP_SYSCALLS_LEN: usize = 8;
+pub const SKIP_SYSCALLS_LEN: usize = 24;
 /// Number of syscall numbers in `CONN_SYSCALLS`.
 pub const CONN_SYSCALLS_LEN: usize = 12;
 
@@ -143,18 +147,18 @@ pub mod counter {
     pub const LOST_STALLS: u32 = 0;
     /// A thread that could not be tracked because `THREADS` was full.
     pub const THREADS_FULL: u32 = 1;
-    /// Iterations seen (all of them, not only stalls).
-    pub const ITERATIONS: u32 = 2;
     /// A stack sample that did not fit in the ring buffer.
-    pub const LOST_STACKS: u32 = 3;
+    pub const LOST_STACKS: u32 = 2;
     /// Stack samples taken.
-    pub const STACKS: u32 = 4;
-    pub const LEN: u32 = 5;
+    pub const STACKS: u32 = 3;
+    pub const LEN: u32 = 4;
 }
 
 /// Fixed offsets of syscall tracepoint records (`syscalls:sys_{enter,exit}_*` and
 /// `raw_syscalls:*`): part of the tracepoint ABI, stable across kernels.
 pub mod tp {
+    /// syscalls:sys_{enter,exit}_*: the syscall number (i32).
+    pub const SYS_NR: usize = 8;
     pub const SYS_ENTER_ARG0: usize = 16;
     pub const SYS_ENTER_ARG1: usize = 24;
     pub const SYS_ENTER_ARG2: usize = 32;
@@ -176,14 +180,6 @@ pub mod purge_kind {
     pub const MADVISE: u64 = 0;
     pub const MUNMAP: u64 = 1;
     pub const MREMAP: u64 = 2;
-}
-
-/// Per-target settings, keyed by tgid in `TARGETS`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TargetConfig {
-    /// Iterations at least this long are sent to userspace as stall records.
-    pub threshold_ns: u64,
 }
 
 /// Where one iteration's time went. Components are disjoint, so their sum never exceeds the
@@ -370,7 +366,6 @@ pub struct IterHist {
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain-old-data: #[repr(C)], integers only, no implicit padding.
-    unsafe impl aya::Pod for super::TargetConfig {}
     unsafe impl aya::Pod for super::Components {}
     unsafe impl aya::Pod for super::StallEvent {}
     unsafe impl aya::Pod for super::ThreadState {}

@@ -10,7 +10,9 @@ use tracer_common::{
     thread_flag::IN_EPOLL,
 };
 
-use crate::state::{ITER_HIST, STALLS, TARGETS, THREADS, ZERO_HIST, count, current_thread, histograms, now};
+use crate::state::{
+    ITER_HIST, STALLS, THREADS, ZERO_HIST, count, current_thread, histograms, now, other_process, threshold_ns,
+};
 
 /// Attached to sys_enter_epoll_wait, _pwait and _pwait2: the iteration ends here.
 #[tracepoint]
@@ -25,12 +27,7 @@ pub fn epoll_enter(_ctx: TracePointContext) -> u32 {
     let duration = now().saturating_sub(start);
     let tid = bpf_get_current_pid_tgid() as u32;
     record_histogram(tid, duration);
-    count(counter::ITERATIONS);
-    let threshold = match unsafe { TARGETS.get(s.tgid) } {
-        Some(t) => t.threshold_ns,
-        None => return 0,
-    };
-    if duration >= threshold {
+    if duration >= threshold_ns() {
         emit_stall(s, tid, start, duration);
     }
     0
@@ -41,15 +38,14 @@ pub fn epoll_enter(_ctx: TracePointContext) -> u32 {
 pub fn epoll_exit(_ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    if other_process(tgid) {
+        return 0;
+    }
     let now = now();
     match current_thread() {
         Some(s) if s.tgid == tgid => begin_iteration(s, now),
-        // A recycled tid, or the first return for this thread: only targets are tracked.
-        _ => {
-            if unsafe { TARGETS.get(tgid) }.is_some() {
-                track_thread(tgid, tid, now);
-            }
-        }
+        // The first return for this thread, or a recycled tid.
+        _ => track_thread(tgid, tid, now),
     }
     0
 }

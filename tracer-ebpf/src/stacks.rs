@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use tracer_common::{STACK_BYTES, StackEvent, ThreadState, counter, stack_kind};
 
-use crate::state::{TARGETS, count, current_tid, now, thread};
+use crate::state::{count, current_thread, current_tid, now, threshold_ns};
 
 /// 16 KiB records, a few per slow call or sampled stall, drained every 100 ms: 4 MiB (256
 /// records) rides out a burst.
@@ -49,16 +49,11 @@ pub fn slow(ns: u64) -> bool {
 /// has already run past its target's threshold.
 #[perf_event]
 pub fn stall_sample(ctx: PerfEventContext) -> u32 {
-    let tid = current_tid();
-    let Some(s) = thread(tid) else { return 0 };
-    if s.iter_start_ns == 0 {
+    let Some(s) = current_thread() else { return 0 };
+    if s.iter_start_ns == 0 || now().saturating_sub(s.iter_start_ns) < threshold_ns() {
         return 0;
     }
-    let Some(t) = (unsafe { TARGETS.get(s.tgid) }) else { return 0 };
-    if now().saturating_sub(s.iter_start_ns) < t.threshold_ns {
-        return 0;
-    }
-    capture(&ctx, s, tid, stack_kind::SAMPLE, global(&SAMPLE_PERIOD_NS));
+    capture(&ctx, s, current_tid(), stack_kind::SAMPLE, global(&SAMPLE_PERIOD_NS));
     0
 }
 

@@ -4,10 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{IterHist, TargetConfig, ThreadState, counter};
-
-#[map]
-pub static TARGETS: HashMap<u32, TargetConfig> = HashMap::with_max_entries(1024, 0);
+use tracer_common::{IterHist, ThreadState, counter};
 
 #[map]
 pub static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(16384, 0);
@@ -26,6 +23,19 @@ pub static STALLS: RingBuf = RingBuf::with_byte_size(2 << 20, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
 
+/// The traced process. Userspace always sets it; 0 would match nothing.
+#[unsafe(no_mangle)]
+static TARGET_TGID: u32 = 0;
+
+/// Iterations at least this long are stalls.
+#[unsafe(no_mangle)]
+static THRESHOLD_NS: u64 = u64::MAX;
+
+#[inline(always)]
+pub fn threshold_ns() -> u64 {
+    unsafe { core::ptr::read_volatile(&THRESHOLD_NS) }
+}
+
 #[inline(always)]
 pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
@@ -39,7 +49,19 @@ pub fn current_tid() -> u32 {
 /// The calling thread's state, if it is a tracked event-loop thread.
 #[inline(always)]
 pub fn current_thread() -> Option<&'static mut ThreadState> {
-    thread(current_tid())
+    let id = bpf_get_current_pid_tgid();
+    // Hot tracepoints (every syscall and context switch on the host) end here for every other
+    // process: one compare instead of a hash lookup.
+    if other_process((id >> 32) as u32) {
+        return None;
+    }
+    thread(id as u32)
+}
+
+/// Whether `tgid` is not the process this program set traces.
+#[inline(always)]
+pub fn other_process(tgid: u32) -> bool {
+    tgid != unsafe { core::ptr::read_volatile(&TARGET_TGID) }
 }
 
 #[inline(always)]

@@ -5,7 +5,9 @@ use aya_ebpf::{
     maps::PerCpuHashMap,
     programs::TracePointContext,
 };
-use tracer_common::{CONN_SYSCALLS_LEN, Components, SKIP_SYSCALLS_LEN, TOP_SYSCALLS, TargetStats, stack_kind, tp};
+use tracer_common::{
+    CONN_SYSCALLS_LEN, Components, SKIP_SYSCALLS_LEN, TOP_SYSCALLS, TargetStats, ThreadState, stack_kind, tp,
+};
 
 use crate::{
     stacks,
@@ -28,19 +30,36 @@ static ACCEPT_SYSCALLS: [u64; 2] = [u64::MAX; 2];
 #[map]
 pub static TARGET_STATS: PerCpuHashMap<u32, TargetStats> = PerCpuHashMap::with_max_entries(1024, 0);
 
+/// raw_syscalls:sys_enter: every syscall (the syscalls group).
 #[tracepoint]
 pub fn sys_enter(ctx: TracePointContext) -> u32 {
     let Some(s) = current_iteration() else { return 0 };
     let Ok(nr) = (unsafe { ctx.read_at::<u64>(tp::RAW_SYS_ID) }) else { return 0 };
-    if skipped(nr) {
-        return 0;
+    if !skipped(nr) {
+        begin(s, nr);
     }
-    s.sys_nr = nr;
-    s.sys_off_ns = 0;
-    s.sys_start_ns = now();
     0
 }
 
+/// syscalls:sys_enter_<accept4, close, epoll_ctl...>: only the connection syscalls, so the
+/// net group accounts them without paying for every syscall on the host.
+#[tracepoint]
+pub fn conn_enter(ctx: TracePointContext) -> u32 {
+    let Some(s) = current_iteration() else { return 0 };
+    if let Ok(nr) = unsafe { ctx.read_at::<i32>(tp::SYS_NR) } {
+        begin(s, nr as u64);
+    }
+    0
+}
+
+#[inline(always)]
+fn begin(s: &mut ThreadState, nr: u64) {
+    s.sys_nr = nr;
+    s.sys_off_ns = 0;
+    s.sys_start_ns = now();
+}
+
+/// raw_syscalls:sys_exit, and the connection syscalls' own exits (same record layout).
 #[tracepoint]
 pub fn sys_exit(ctx: TracePointContext) -> u32 {
     let Some(s) = current_thread() else { return 0 };

@@ -47,6 +47,8 @@ pub enum Event {
 
 /// How often the process's threads are looked at for starvation.
 const STARVE_POLL: Duration = Duration::from_millis(500);
+/// How often a sleeping loop thread in a stalled iteration has its stack read.
+const BLOCKED_EVERY: Duration = Duration::from_millis(100);
 
 /// The net group's part of a session.
 struct Net {
@@ -63,6 +65,8 @@ pub struct Session {
     target: Target,
     net: Option<Net>,
     stacks: Option<StackCollector>,
+    /// When blocked loop threads are next looked at (stacks without the syscalls group).
+    blocked_due: Option<Instant>,
     starvation: Option<(StarvationMonitor, Instant)>,
     pub app: App,
     stop: Arc<AtomicBool>,
@@ -76,8 +80,7 @@ impl Session {
         target::check_privileges()?;
         target::check_btf()?;
         let target = Target::open(opts.pid)?;
-        let mut probes = Probes::load(&opts.probes)?;
-        probes.add_target(target.pid, opts.threshold_ns)?;
+        let mut probes = Probes::load(&opts.probes, target.pid, opts.threshold_ns)?;
         probes.attach(&opts.probes, &target)?;
         let ring = RingBuf::try_from(probes.ebpf.take_map(maps::STALLS).context("STALLS map")?)?;
         let net = if opts.probes.groups & group::NET != 0 { Some(start_net(&mut probes, &target, opts)?) } else { None };
@@ -90,7 +93,10 @@ impl Session {
         };
         let app = App::new(target.pid, target.comm.clone(), opts.threshold_ns);
         let deadline = opts.duration.map(|d| Instant::now() + d);
-        Ok(Self { probes, ring, target, net, stacks, starvation, app, stop, deadline })
+        // With the syscalls group a slow syscall's stack is taken at its exit; without it, a
+        // sleeping loop thread's is read from /proc while its iteration is past the threshold.
+        let blocked_due = (stacks.is_some() && opts.probes.groups & group::SYSCALLS == 0).then(Instant::now);
+        Ok(Self { probes, ring, target, net, stacks, blocked_due, starvation, app, stop, deadline })
     }
 
     pub fn banner(&self) -> String {
@@ -144,6 +150,7 @@ impl Session {
             let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StallEvent>()) };
             stalls.push(attribution::attribute(&ev));
         }
+        self.sample_blocked();
         // Read after the stalls: an iteration's stacks were submitted before its stall was.
         if let Some(collector) = self.stacks.as_mut() {
             collector.drain(clock_ns(libc::CLOCK_MONOTONIC));
@@ -237,19 +244,41 @@ impl Session {
         Ok(views)
     }
 
-    /// Iterations running longer than the threshold right now: a stall shows while it lasts.
-    fn in_progress(&self) -> Result<Vec<InProgress>> {
+    fn sample_blocked(&mut self) {
+        let Some(due) = self.blocked_due else { return };
+        if Instant::now() < due {
+            return;
+        }
+        self.blocked_due = Some(Instant::now() + BLOCKED_EVERY);
+        let Ok(stalled) = self.stalled_iterations() else { return };
+        if let Some(collector) = self.stacks.as_mut() {
+            for (tid, start, _) in stalled {
+                collector.sample_blocked(self.target.pid, tid, start, BLOCKED_EVERY.as_nanos() as u64);
+            }
+        }
+    }
+
+    /// (tid, iteration start, elapsed) of every iteration past the threshold right now.
+    fn stalled_iterations(&self) -> Result<Vec<(u32, u64, u64)>> {
         let map: HashMap<_, u32, ThreadState> =
             HashMap::try_from(self.probes.ebpf.map(maps::THREADS).context("THREADS map")?)?;
         let now = clock_ns(libc::CLOCK_MONOTONIC);
-        let comm_of = |tid: u32| self.app.threads.iter().find(|t| t.tid == tid).map(|t| t.comm.clone());
         Ok(map
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, s)| s.tgid == self.target.pid && s.iter_start_ns != 0)
-            .map(|(tid, s)| (tid, now.saturating_sub(s.iter_start_ns)))
-            .filter(|&(_, elapsed)| elapsed >= self.app.threshold_ns)
-            .map(|(tid, elapsed_ns)| InProgress { tid, comm: comm_of(tid).unwrap_or_default(), elapsed_ns })
+            .map(|(tid, s)| (tid, s.iter_start_ns, now.saturating_sub(s.iter_start_ns)))
+            .filter(|&(_, _, elapsed)| elapsed >= self.app.threshold_ns)
+            .collect())
+    }
+
+    /// Iterations running longer than the threshold right now: a stall shows while it lasts.
+    fn in_progress(&self) -> Result<Vec<InProgress>> {
+        let comm_of = |tid: u32| self.app.threads.iter().find(|t| t.tid == tid).map(|t| t.comm.clone());
+        Ok(self
+            .stalled_iterations()?
+            .into_iter()
+            .map(|(tid, _, elapsed_ns)| InProgress { tid, comm: comm_of(tid).unwrap_or_default(), elapsed_ns })
             .collect())
     }
 }

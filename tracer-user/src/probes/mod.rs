@@ -8,11 +8,11 @@ use std::num::NonZeroU32;
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, PerCpuArray},
+    maps::PerCpuArray,
     programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
 use tracer_common::{
-    CONN_SYSCALLS_LEN, SKIP_SYSCALLS_LEN, TargetConfig, TargetStats, counter, globals, group, maps,
+    CONN_SYSCALLS_LEN, SKIP_SYSCALLS_LEN, TargetStats, counter, globals, group, maps,
 };
 
 use crate::target::Target;
@@ -98,7 +98,9 @@ impl NetGlobals {
 }
 
 impl Probes {
-    pub fn load(config: &ProbeConfig) -> Result<Self> {
+    /// Loads a program set that traces process `pid`, reporting iterations of at least
+    /// `threshold_ns`.
+    pub fn load(config: &ProbeConfig, pid: u32, threshold_ns: u64) -> Result<Self> {
         tracefs::ensure_mounted()?;
         let prev_state = tracefs::field_offset("sched", "sched_switch", "prev_state")?;
         let next_pid = tracefs::field_offset("sched", "sched_switch", "next_pid")?;
@@ -111,6 +113,8 @@ impl Probes {
         let park_on = u64::from(config.groups & group::PARK != 0);
         let waking_pid = tracefs::field_offset("sched", "sched_waking", "pid")?;
         let ebpf = EbpfLoader::new()
+            .override_global(globals::TARGET_TGID, &pid, true)
+            .override_global(globals::THRESHOLD_NS, &threshold_ns, true)
             .override_global(globals::SCHED_PREV_STATE_OFF, &prev_state, true)
             .override_global(globals::SCHED_NEXT_PID_OFF, &next_pid, true)
             .override_global(globals::SKIP_SYSCALLS, &skip, true)
@@ -135,14 +139,6 @@ impl Probes {
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer")))
             .context("loading the eBPF object")?;
         Ok(Self { ebpf, attached: Vec::new(), notes: Vec::new(), net })
-    }
-
-    /// Starts accounting `target`'s event-loop threads, reporting iterations >= threshold.
-    pub fn add_target(&mut self, pid: u32, threshold_ns: u64) -> Result<()> {
-        let mut targets: HashMap<_, u32, TargetConfig> =
-            HashMap::try_from(self.ebpf.map_mut(maps::TARGETS).context("TARGETS map")?)?;
-        targets.insert(pid, TargetConfig { threshold_ns }, 0)?;
-        Ok(())
     }
 
     pub fn attach(&mut self, config: &ProbeConfig, target: &Target) -> Result<()> {
@@ -200,6 +196,7 @@ impl Probes {
             aya::maps::PerCpuHashMap::try_from(self.ebpf.map_mut(maps::TARGET_STATS).context("TARGET_STATS")?)?;
         let zero = aya::maps::PerCpuValues::try_from(vec![TargetStats::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?])?;
         stats.insert(target.pid, zero, 0)?;
+        self.attach_conn_syscalls()?;
         self.tracepoint("conn_state", "sock", &["inet_sock_set_state"])?;
         self.tracepoint("rst_sent", "tcp", &["tcp_send_reset"])?;
         self.tracepoint("rst_received", "tcp", &["tcp_receive_reset"])?;
@@ -214,6 +211,17 @@ impl Probes {
             ));
         }
         Ok(())
+    }
+
+    /// The connection syscalls on their own tracepoints: the net group accounts accepts and
+    /// connection set-up without the syscalls group's cost on every syscall of the host.
+    fn attach_conn_syscalls(&mut self) -> Result<()> {
+        let present: Vec<&str> =
+            CONN_NAMES.iter().copied().filter(|n| tracefs::exists("syscalls", &format!("sys_enter_{n}"))).collect();
+        let enters: Vec<String> = present.iter().map(|n| format!("sys_enter_{n}")).collect();
+        let exits: Vec<String> = present.iter().map(|n| format!("sys_exit_{n}")).collect();
+        self.tracepoint("conn_enter", "syscalls", &enters.iter().map(String::as_str).collect::<Vec<_>>())?;
+        self.tracepoint("sys_exit", "syscalls", &exits.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     fn attach_fentry(&mut self, prog: &str, func: &str) -> Result<()> {
@@ -279,7 +287,10 @@ impl Probes {
 
     fn tracepoint(&mut self, prog: &str, category: &str, names: &[&str]) -> Result<()> {
         let p: &mut TracePoint = program(&mut self.ebpf, prog)?.try_into()?;
-        p.load().with_context(|| format!("loading {prog}"))?;
+        // sys_exit serves raw_syscalls and the connection syscalls: load it once.
+        if p.fd().is_err() {
+            p.load().with_context(|| format!("loading {prog}"))?;
+        }
         for name in names {
             p.attach(category, name)
                 .with_context(|| format!("attaching {prog} to {category}:{name}"))?;
@@ -329,6 +340,20 @@ const CONN_NRS: [i64; 11] = [
     libc::SYS_getsockname,
 ];
 const ACCEPT_NRS: [i64; 2] = [libc::SYS_accept, libc::SYS_accept4];
+/// The same syscalls by tracepoint name.
+const CONN_NAMES: [&str; 11] = [
+    "accept",
+    "accept4",
+    "close",
+    "shutdown",
+    "setsockopt",
+    "getsockopt",
+    "fcntl",
+    "ioctl",
+    "epoll_ctl",
+    "getpeername",
+    "getsockname",
+];
 
 fn syscall_set<const N: usize>(nrs: &[i64]) -> [u64; N] {
     let mut set = [u64::MAX; N];
@@ -351,6 +376,9 @@ fn skip_syscalls(groups: u32) -> [u64; SKIP_SYSCALLS_LEN] {
     let mut nrs = vec![libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
     if groups & group::PURGE != 0 {
         nrs.extend([libc::SYS_madvise, libc::SYS_munmap, libc::SYS_mremap]);
+    }
+    if groups & group::NET != 0 {
+        nrs.extend(CONN_NRS);
     }
     let mut skip = [u64::MAX; SKIP_SYSCALLS_LEN];
     for (slot, nr) in skip.iter_mut().zip(nrs) {

@@ -7,7 +7,7 @@ use aya::maps::{MapData, RingBuf, StackTraceMap};
 use serde::Serialize;
 use tracer_common::{StackEvent, stack_kind};
 
-use super::{symbolize::Symbols, unwind::Unwinder};
+use super::{parked, symbolize::Symbols, unwind::Unwinder};
 
 /// Stacks of iterations whose stall never came (shorter than the threshold after all) are
 /// dropped after this long.
@@ -21,7 +21,8 @@ pub struct WeightedStack {
     /// Root first, leaf last; kernel frames (prefixed "[k] ") after the user ones.
     pub frames: Vec<String>,
     pub weight_ns: u64,
-    /// Where it was taken: "purge", "syscall", "alloc" or "sample".
+    /// Where it was taken: "purge", "syscall", "alloc", "sample" (CPU timer) or "blocked"
+    /// (a thread asleep in a stalled iteration, read from /proc).
     pub kind: &'static str,
     pub count: u64,
 }
@@ -62,6 +63,21 @@ impl StackCollector {
             self.by_iteration.entry((ev.tid, ev.iter_start_ns)).or_default().push(stack);
         }
         self.by_iteration.retain(|&(_, start), _| start + KEEP_NS > now_ns);
+    }
+
+    /// A blocked loop thread's stack, read from /proc while its iteration is past the
+    /// threshold: what the CPU sampler cannot see (a thread asleep takes no CPU samples), without
+    /// a probe on every syscall.
+    pub fn sample_blocked(&mut self, pid: u32, tid: u32, iter_start_ns: u64, weight_ns: u64) {
+        let Some(b) = parked::blocked(pid, tid) else { return };
+        let unwinder = self.unwinders.entry(pid).or_insert_with(|| Unwinder::new(pid));
+        let frames = parked::stack(pid, &b, unwinder, &mut self.symbols);
+        if frames.is_empty() {
+            return;
+        }
+        self.received += 1;
+        let stack = WeightedStack { frames, weight_ns, kind: "blocked", count: 1 };
+        self.by_iteration.entry((tid, iter_start_ns)).or_default().push(stack);
     }
 
     /// The stacks of one iteration, identical ones merged, heaviest first.
