@@ -4,6 +4,8 @@
 //! build  builds the workspace, kernel programs included
 //! demo   setup + build, then `stalltrace demo` with any further arguments
 //! test   setup + build, then every test, as root, one integration test at a time
+//! bench  setup + release build, then the benchmarks; writes BENCHMARKS.md
+mod bench;
 mod setup;
 
 use std::{
@@ -39,8 +41,13 @@ fn run() -> Result<()> {
             build()?;
             test(rest)
         }
+        "bench" => {
+            setup::run()?;
+            build_release()?;
+            bench::run(rest)
+        }
         _ => {
-            eprintln!("usage: cargo xtask <setup|build|demo|test> [args]");
+            eprintln!("usage: cargo xtask <setup|build|demo|test|bench> [args]");
             if cmd == "help" { Ok(()) } else { bail!("unknown command {cmd:?}") }
         }
     }
@@ -56,6 +63,11 @@ fn stalltrace_bin() -> std::path::PathBuf {
 
 fn build() -> Result<()> {
     run_cmd(Command::new("cargo").args(["build", "--bins"]).current_dir(workspace_root()))
+}
+
+/// Benchmarks measure optimised code: stalltrace and the hotloop workload.
+fn build_release() -> Result<()> {
+    run_cmd(Command::new("cargo").args(["build", "--release", "--bins"]).current_dir(workspace_root()))
 }
 
 fn test(extra: &[String]) -> Result<()> {

@@ -19,19 +19,34 @@ const APT_PACKAGES: &[&str] = &[
     "redis-tools",
     "iproute2",
     "tmux",
+    "bpftool",
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
 
 pub fn run() -> Result<()> {
-    apt()?;
+    apt_install(APT_PACKAGES)?;
     nightly()?;
     bpf_linker()?;
+    inferno()?;
     Ok(())
 }
 
-fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+/// inferno's flamegraph, the tool users render folded stacks with; the tests check that ours
+/// render with it.
+fn inferno() -> Result<()> {
+    if Command::new("inferno-flamegraph").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing inferno (inferno-flamegraph)");
+    run_cmd(Command::new("cargo").args(["install", "inferno", "--version", "~0.12", "--locked"]))
+}
+
+/// Installs those of `packages` that dpkg does not list as installed (nothing, quickly, when
+/// none is missing).
+pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }

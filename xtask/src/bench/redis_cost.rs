@@ -1,0 +1,136 @@
+//! Section 1: what tracing costs Redis in throughput, untraced against stalltrace (default
+//! and all probes) and against bpftrace doing similar work. The tracers' own CPU and memory
+//! under this load are collected on the way, for the footprint section.
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+
+use super::{
+    Ctx,
+    procs::{self, Proc},
+    quiet::{self, Quiet},
+    redis::{self, Redis, WORKLOADS},
+    report::{self, Section, Table},
+    tracers::{self, Variant},
+};
+
+pub const VARIANTS: [Variant; 5] =
+    [Variant::Untraced, Variant::Stalltrace("default"), Variant::Daemon, Variant::Stalltrace("all"), Variant::Bpftrace];
+
+/// A tracer's CPU share (% of one CPU) and resident memory, one entry per benchmark run.
+pub type LoadFootprint = BTreeMap<String, Vec<(f64, u64)>>;
+
+/// rps samples by row and variant label. Rows sort by (pipeline, order of the test), so that
+/// the -P 1 rows come first.
+type Samples = BTreeMap<(u32, usize, String), BTreeMap<String, Vec<f64>>>;
+
+/// Everything the rounds collect.
+#[derive(Default)]
+struct Results {
+    samples: Samples,
+    load: LoadFootprint,
+    raw: Vec<String>,
+}
+
+pub fn measure(ctx: &Ctx, redis: &Redis, ns: &[u64]) -> Result<(Section, LoadFootprint)> {
+    let mut results = Results::default();
+    for round in 0..ctx.rounds {
+        for v in report::rotated(&VARIANTS, round) {
+            let tracer = v.attach(&ctx.stalltrace, redis.pid())?;
+            for (wi, (w, &n)) in WORKLOADS.iter().zip(ns).enumerate() {
+                let what = format!("{} {}", v.label(), w.label());
+                let run = quiet::run(&ctx.tally, &what, || {
+                    redis.flush()?;
+                    let cpu_before = tracer.as_ref().map(|t| procs::cpu_ns(t.pid())).transpose()?;
+                    let run = redis::run_benchmark(redis.port, w, n)?;
+                    let foot = match (&tracer, cpu_before) {
+                        (Some(t), Some(before)) => Some(footprint(t, before, run.wall_secs)?),
+                        _ => None,
+                    };
+                    Ok((run, foot))
+                })?;
+                results.record(round, v, wi, n, run);
+            }
+            if let Some(t) = tracer {
+                tracers::stop(t)?;
+            }
+        }
+    }
+    Ok((section(ctx, ns, &results.samples, results.raw), results.load))
+}
+
+impl Results {
+    fn record(&mut self, round: usize, v: Variant, wi: usize, n: u64, quiet: Quiet<(redis::BenchRun, Option<(f64, u64)>)>) {
+        let note = quiet.note();
+        let (run, foot) = quiet.value;
+        let w = &WORKLOADS[wi];
+        let rps = run.rps.iter().map(|(t, r)| format!("{t} {r:.0}")).collect::<Vec<_>>().join(", ");
+        let tracer = foot.map_or(String::new(), |(cpu, rss)| format!(" | tracer {cpu:.2}% CPU, {rss} KiB"));
+        self.raw.push(format!(
+            "round {} | {:<24} | {:<17} | n={n} | {rps} | {:.2}s{tracer}{note}",
+            round + 1,
+            v.label(),
+            w.label(),
+            run.wall_secs
+        ));
+        if let Some(f) = foot {
+            self.load.entry(v.label()).or_default().push(f);
+        }
+        for (ti, (test, rps)) in run.rps.into_iter().enumerate() {
+            let key = (w.pipeline, wi * 2 + ti, format!("{test} -P {}", w.pipeline));
+            self.samples.entry(key).or_default().entry(v.label()).or_default().push(rps);
+        }
+    }
+}
+
+/// CPU % of one CPU since `cpu_before` over `wall_secs`, and RSS in KiB, of a tracer.
+fn footprint(tracer: &Proc, cpu_before: u64, wall_secs: f64) -> Result<(f64, u64)> {
+    let cpu = (procs::cpu_ns(tracer.pid())? - cpu_before) as f64 / 1e9;
+    Ok((100.0 * cpu / wall_secs, procs::rss_kib(tracer.pid())?))
+}
+
+fn section(ctx: &Ctx, ns: &[u64], samples: &Samples, raw: Vec<String>) -> Section {
+    let labels: Vec<String> = VARIANTS.iter().map(|v| v.label()).collect();
+    let mut header = vec!["test".to_string(), format!("{} rps", labels[0])];
+    for l in &labels[1..] {
+        header.push(format!("{l} rps"));
+        header.push("ratio".into());
+    }
+    let mut table = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
+    for ((_, _, test), by_variant) in samples {
+        let med = |l: &String| report::median(by_variant.get(l).map_or(&[][..], Vec::as_slice));
+        let base = med(&labels[0]);
+        let mut row = vec![test.clone(), report::int(base)];
+        for l in &labels[1..] {
+            row.push(report::int(med(l)));
+            row.push(report::ratio(med(l), base));
+        }
+        table.row(row);
+    }
+    let mut commands = vec![redis::Redis::command_line()];
+    commands.extend(WORKLOADS.iter().zip(ns).map(|(w, &n)| w.command_line(n)));
+    commands.push("stalltrace -p PID > /dev/null   # and with --probes all".into());
+    commands.push("bpftrace script.bt   # the script above".into());
+    Section {
+        title: "Redis throughput under tracing".into(),
+        method: format!(
+            "One redis-server (pinned to CPU {}) and redis-benchmark (pinned to CPU {}, 50 clients), \
+             FLUSHALL before every run. N per test was calibrated so an untraced invocation takes \
+             about {:.1} s. Each of {} rounds runs every variant once, in an order rotated from \
+             round to round; the tracer attaches (and waits for its probes to be live) before \
+             the four invocations and detaches after. Cells are medians over the rounds; ratio \
+             is against untraced. The bpftrace variant runs the script below: madvise and epoll_wait \
+             durations, the realloc uprobe pair and off-CPU time, like parts of stalltrace's purge, \
+             loop, alloc and sched groups, but nothing like its syscalls group (raw_syscalls):\n\n\
+             ```\n{}```",
+            redis::SERVER_CPU,
+            redis::CLIENT_CPU,
+            ctx.redis_secs,
+            ctx.rounds,
+            tracers::bpftrace_script("PID", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+        ),
+        commands,
+        tables: vec![table],
+        raw,
+    }
+}
