@@ -36,7 +36,8 @@ pub fn run() -> Result<()> {
 /// inferno's flamegraph, the tool users render folded stacks with; the tests check that ours
 /// render with it.
 fn inferno() -> Result<()> {
-    if Command::new("inferno-flamegraph").arg("--version").output().is_ok_and(|o| o.status.success()) {
+    // It has no --version; --help answers when it is installed.
+    if Command::new("inferno-flamegraph").arg("--help").output().is_ok_and(|o| o.status.success()) {
         return Ok(());
     }
     eprintln!("xtask setup: installing inferno (inferno-flamegraph)");

@@ -48,6 +48,10 @@ pub struct JournalConfig {
 pub struct MetricsConfig {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Switch on the kernel's BPF run-time statistics for stalltrace_bpf_run_seconds. Off by
+    /// default: while on, every BPF program on the host pays for the timing (BENCHMARKS.md).
+    #[serde(default)]
+    pub bpf_stats: bool,
 }
 
 /// Periodic flame summaries per target: folded stacks and an SVG of the period's stalls.
@@ -86,7 +90,7 @@ impl Default for JournalConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { listen: default_listen() }
+        Self { listen: default_listen(), bpf_stats: false }
     }
 }
 

@@ -46,8 +46,8 @@ pub fn run(config_path: &Path) -> Result<()> {
     let metrics = Metrics::default();
     metrics::serve(config.metrics.listen, metrics.clone())?;
     let mut journal = Journal::open(&config.journal.path, config.journal.max_bytes, config.journal.keep)?;
-    // Held for the daemon's life: the kernel counts our programs' run time while it is open.
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+    // Held for the daemon's life: the kernel counts programs' run time while it is open.
+    let _stats = config.metrics.bpf_stats.then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime).ok());
     let dropped = privileges::drop_unneeded()?;
     log(&format!(
         "watching {} target(s); journal {}; metrics http://{}/metrics; dropped {} capabilities",

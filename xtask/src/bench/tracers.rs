@@ -68,6 +68,8 @@ fn start_daemon(stalltrace: &Path, pid: u32) -> Result<Proc> {
     let mut proc = Proc::spawn("stalltrace daemon", &mut cmd)?;
     let stderr = procs::lines(proc.take_stderr());
     procs::wait_for_line(&stderr, "attached to PID", ATTACH_TIMEOUT, "stalltrace daemon")?;
+    // The daemon has read its config and holds its journal open: the names can go now.
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(proc)
 }
 
