@@ -43,7 +43,7 @@ pub fn stack(pid: u32, b: &Blocked, unwinder: &mut Unwinder, symbols: &mut Symbo
 }
 
 /// Up to 16 KiB from `sp`, halving while the read crosses the end of the stack mapping.
-fn read_stack(pid: u32, sp: u64) -> Vec<u8> {
+pub(super) fn read_stack(pid: u32, sp: u64) -> Vec<u8> {
     let mut len = tracer_common::STACK_BYTES;
     while len >= 512 {
         let mut buf = vec![0u8; len];

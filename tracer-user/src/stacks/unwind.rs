@@ -353,7 +353,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::stacks::symbolize::Symbols;
+    use crate::stacks::{parked, symbolize::Symbols};
 
     #[test]
     fn parses_maps_lines_with_spaces_and_without_names() {
@@ -457,41 +457,16 @@ mod tests {
         rx.recv_timeout(limit).expect("no line from chain_server in time")
     }
 
-    /// (pc, sp) of a thread blocked in `nanosleep`/`clock_nanosleep`, from /proc/PID/syscall:
-    /// "nr arg1 .. arg6 sp pc" while blocked, "running" otherwise.
+    /// (pc, sp) of the server's main thread once it is blocked in nanosleep/clock_nanosleep.
     fn registers_in_sleep(pid: u32, limit: Duration) -> (u64, u64) {
         let deadline = Instant::now() + limit;
         loop {
-            let text = fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
-            let fields: Vec<&str> = text.split_whitespace().collect();
-            let hex = |i: usize| u64::from_str_radix(fields.get(i)?.trim_start_matches("0x"), 16).ok();
-            let sleeping = matches!(fields.first(), Some(&"35" | &"230")) && fields.len() == 9;
-            if let (true, Some(sp), Some(pc)) = (sleeping, hex(7), hex(8)) {
-                return (pc, sp);
+            if let Some(b) = parked::blocked(pid, pid).filter(|b| matches!(b.nr, 35 | 230)) {
+                return (b.pc, b.sp);
             }
-            assert!(Instant::now() < deadline, "chain_server never blocked in nanosleep: {text:?}");
+            assert!(Instant::now() < deadline, "chain_server never blocked in nanosleep");
             thread::sleep(Duration::from_millis(10));
         }
-    }
-
-    /// Up to 16 KiB of the target's stack from `sp`, as the BPF side copies it: no further than
-    /// the end of the stack mapping, halved while the read still fails.
-    fn copy_stack(pid: u32, sp: u64) -> Vec<u8> {
-        let maps = read_maps(pid).unwrap();
-        let top = mapping_at(&maps, sp).expect("sp in a mapping").end;
-        let mut len = (16 * 1024).min((top - sp) as usize);
-        while len >= 64 {
-            let mut buf = vec![0u8; len];
-            let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
-            let remote = libc::iovec { iov_base: sp as *mut libc::c_void, iov_len: len };
-            // SAFETY: both iovecs describe `len` bytes; the local one is our own buffer.
-            let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
-            if n == len as isize {
-                return buf;
-            }
-            len /= 2;
-        }
-        panic!("could not read the stack of {pid} at {sp:#x}");
     }
 
     /// "chain_e" for "chain_e" and for GCC clones such as "chain_e.constprop.0".
@@ -511,7 +486,8 @@ mod tests {
         conn.write_all(b"SLEEP 3000\n").unwrap();
 
         let (pc, sp) = registers_in_sleep(pid, Duration::from_millis(2500));
-        let stack = copy_stack(pid, sp);
+        let stack = parked::read_stack(pid, sp);
+        assert!(!stack.is_empty(), "could not read the stack of {pid} at {sp:#x}");
         // bp = 0: nothing may depend on frame pointers, which this binary does not keep.
         let addrs = Unwinder::new(pid).unwind(pc, sp, 0, &stack);
         let mut symbols = Symbols::new();
