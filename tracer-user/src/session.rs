@@ -252,8 +252,8 @@ impl Session {
         self.blocked_due = Some(Instant::now() + BLOCKED_EVERY);
         let Ok(stalled) = self.stalled_iterations() else { return };
         if let Some(collector) = self.stacks.as_mut() {
-            for (tid, start, _) in stalled {
-                collector.sample_blocked(self.target.pid, tid, start, BLOCKED_EVERY.as_nanos() as u64);
+            for (tid, start, elapsed) in stalled {
+                collector.sample_blocked(self.target.pid, tid, start, elapsed, self.app.threshold_ns);
             }
         }
     }

@@ -33,6 +33,8 @@ pub struct StackCollector {
     unwinders: HashMap<u32, Unwinder>,
     symbols: Symbols,
     by_iteration: HashMap<(u32, u64), Vec<WeightedStack>>,
+    /// Per stalled iteration, how far into it the last /proc look was.
+    blocked_seen: HashMap<(u32, u64), u64>,
     pub received: u64,
 }
 
@@ -44,6 +46,7 @@ impl StackCollector {
             unwinders: HashMap::new(),
             symbols: Symbols::new(),
             by_iteration: HashMap::new(),
+            blocked_seen: HashMap::new(),
             received: 0,
         }
     }
@@ -63,12 +66,16 @@ impl StackCollector {
             self.by_iteration.entry((ev.tid, ev.iter_start_ns)).or_default().push(stack);
         }
         self.by_iteration.retain(|&(_, start), _| start + KEEP_NS > now_ns);
+        self.blocked_seen.retain(|&(_, start), _| start + KEEP_NS > now_ns);
     }
 
     /// A blocked loop thread's stack, read from /proc while its iteration is past the
     /// threshold: what the CPU sampler cannot see (a thread asleep takes no CPU samples), without
-    /// a probe on every syscall.
-    pub fn sample_blocked(&mut self, pid: u32, tid: u32, iter_start_ns: u64, weight_ns: u64) {
+    /// a probe on every syscall. It stands for the time since the iteration's previous look
+    /// (`seen_ns` of it was already covered).
+    pub fn sample_blocked(&mut self, pid: u32, tid: u32, iter_start_ns: u64, elapsed_ns: u64, seen_ns: u64) {
+        let covered = self.blocked_seen.insert((tid, iter_start_ns), elapsed_ns).unwrap_or(seen_ns);
+        let weight_ns = elapsed_ns.saturating_sub(covered);
         let Some(b) = parked::blocked(pid, tid) else { return };
         let unwinder = self.unwinders.entry(pid).or_insert_with(|| Unwinder::new(pid));
         let frames = parked::stack(pid, &b, unwinder, &mut self.symbols);
