@@ -9,11 +9,17 @@ use ratatui::{
 
 use crate::{app::App, histogram::human_ns};
 
-pub fn draw(f: &mut Frame, area: Rect, app: &App) {
-    let hist = app.combined(|t| &t.iter);
+/// The panel for one loop thread (`thread`: an index into the App's threads), or all of them.
+pub fn draw(f: &mut Frame, area: Rect, app: &App, thread: Option<usize>) {
+    let (hist, who) = match thread.and_then(|i| app.threads.get(i)) {
+        Some(t) => (t.iter.clone(), format!("thread {} {}", t.tid, t.comm)),
+        None => {
+            let n = app.threads.len();
+            (app.combined(|t| &t.iter), format!("{n} thread{}", if n == 1 { "" } else { "s" }))
+        }
+    };
     let p = hist.percentiles();
-    let threads = app.threads.len();
-    let title = format!(" Iteration latency: {} iterations, {threads} thread{} ", p.count, if threads == 1 { "" } else { "s" });
+    let title = format!(" Iteration latency, {who}: {} iterations ", p.count);
     let block = Block::bordered().title(title);
     let inner = block.inner(area);
     f.render_widget(block, area);

@@ -40,11 +40,13 @@ pub struct View {
     pub selected: usize,
     pub detail: bool,
     pub message: Option<(String, Instant)>,
+    /// The loop thread the latency panel shows (None: all of them); `t` cycles.
+    pub thread: Option<usize>,
 }
 
 impl View {
     fn new() -> Self {
-        Self { paused: false, frozen_len: None, sort: Sort::Newest, selected: 0, detail: false, message: None }
+        Self { paused: false, frozen_len: None, sort: Sort::Newest, selected: 0, detail: false, message: None, thread: None }
     }
 
     fn say(&mut self, msg: String) {
@@ -106,6 +108,13 @@ fn handle_key(code: KeyCode, app: &App, view: &mut View) -> bool {
             view.selected = 0;
         }
         KeyCode::Enter => view.detail = !view.detail && shown > 0,
+        KeyCode::Char('t') => {
+            view.thread = match view.thread {
+                None if !app.threads.is_empty() => Some(0),
+                Some(i) if i + 1 < app.threads.len() => Some(i + 1),
+                _ => None,
+            }
+        }
         KeyCode::Down | KeyCode::Char('j') => view.selected = (view.selected + 1).min(shown.saturating_sub(1)),
         KeyCode::Up | KeyCode::Char('k') => view.selected = view.selected.saturating_sub(1),
         KeyCode::Char('f') => {
@@ -142,7 +151,7 @@ fn draw(f: &mut Frame, app: &App, view: &View) {
     .areas(f.area());
     f.render_widget(header_line(app, view), header);
     let [hist, side] = Layout::horizontal([Constraint::Percentage(58), Constraint::Percentage(42)]).areas(top);
-    histogram::draw(f, hist, app);
+    histogram::draw(f, hist, app, view.thread);
     causes::draw(f, side, app);
     draw_in_progress(f, progress, app);
     stalls::draw_table(f, table, app, view);
@@ -176,7 +185,7 @@ fn footer_line(view: &View) -> Paragraph<'static> {
     let text = match &view.message {
         Some((msg, at)) if at.elapsed() < Duration::from_secs(5) => format!(" {msg}"),
         _ => format!(
-            " q quit  p pause  s sort ({:?})  Enter stall details  f flame SVG  up/down select",
+            " q quit p pause s sort ({:?}) t thread Enter details f flame SVG",
             view.sort
         ),
     };
