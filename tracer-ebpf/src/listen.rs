@@ -13,6 +13,8 @@ use aya_ebpf::{
 };
 use tracer_common::{ListenerCounters, tp};
 
+use crate::state::global;
+
 #[map]
 pub static LISTENERS: PerCpuHashMap<u16, ListenerCounters> = PerCpuHashMap::with_max_entries(256, 0);
 
@@ -37,10 +39,6 @@ const IPPROTO_TCP: u16 = 6;
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_RECV: i32 = 3;
 
-#[inline(always)]
-fn global(v: &u64) -> u64 {
-    unsafe { core::ptr::read_volatile(v) }
-}
 
 #[inline(always)]
 fn counters(port: u16) -> Option<&'static mut ListenerCounters> {

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use tracer_common::{ParkState, TASK_COMM_LEN};
 
-use crate::state::now;
+use crate::state::{global, now};
 
 #[map]
 pub static PARKED: HashMap<u32, ParkState> = HashMap::with_max_entries(65536, 0);
@@ -27,7 +27,7 @@ fn entry(tid: u32) -> Option<&'static mut ParkState> {
 
 #[inline(always)]
 pub fn enabled() -> bool {
-    unsafe { core::ptr::read_volatile(&PARK_ON) != 0 }
+    global(&PARK_ON) != 0
 }
 
 /// From sched_switch: `prev` goes to sleep (or is preempted), `next` runs.
@@ -44,7 +44,7 @@ pub fn on_switch(prev: u32, prev_sleeps: bool, next: u32, ts: u64) {
 /// sched_waking runs in the waker's context: the current task is who sent the wakeup.
 #[tracepoint]
 pub fn thread_waking(ctx: TracePointContext) -> u32 {
-    let off = unsafe { core::ptr::read_volatile(&WAKING_PID_OFF) } as usize;
+    let off = global(&WAKING_PID_OFF) as usize;
     let Ok(wakee) = (unsafe { ctx.read_at::<u32>(off) }) else { return 0 };
     let Some(p) = entry(wakee) else { return 0 };
     let id = bpf_get_current_pid_tgid();

@@ -5,7 +5,7 @@ use tracer_common::thread_flag::OFF_RUNNABLE;
 
 use crate::{
     park,
-    state::{current_iteration, current_tid, now, thread},
+    state::{current_iteration, current_tid, global, now, thread},
 };
 
 /// Field offsets in the sched_switch record (`tracer_common::globals`), read from tracefs by
@@ -22,9 +22,9 @@ const SLEEPING_STATES: i64 = 0xff;
 #[tracepoint]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
     let ts = now();
-    let state_off = unsafe { core::ptr::read_volatile(&SCHED_PREV_STATE_OFF) } as usize;
+    let state_off = global(&SCHED_PREV_STATE_OFF) as usize;
     let sleeps = unsafe { ctx.read_at::<i64>(state_off) }.unwrap_or(1) & SLEEPING_STATES != 0;
-    let next_off = unsafe { core::ptr::read_volatile(&SCHED_NEXT_PID_OFF) } as usize;
+    let next_off = global(&SCHED_NEXT_PID_OFF) as usize;
     let next = unsafe { ctx.read_at::<u32>(next_off) }.unwrap_or(0);
     switch_out(sleeps, ts);
     switch_in(next, ts);

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use tracer_common::{STACK_BYTES, StackEvent, ThreadState, counter, stack_kind};
 
-use crate::state::{count, current_thread, current_tid, now, threshold_ns};
+use crate::state::{count, current_thread, current_tid, global, now, threshold_ns};
 
 /// 16 KiB records, a few per slow call or sampled stall, drained every 100 ms: 4 MiB (256
 /// records) rides out a burst.
@@ -34,10 +34,6 @@ static PT_REGS_SP_OFF: u64 = 152;
 #[unsafe(no_mangle)]
 static PT_REGS_BP_OFF: u64 = 32;
 
-#[inline(always)]
-fn global(v: &u64) -> u64 {
-    unsafe { core::ptr::read_volatile(v) }
-}
 
 /// Whether a call that took `ns` deserves a stack.
 #[inline(always)]

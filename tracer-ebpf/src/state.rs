@@ -31,9 +31,16 @@ static TARGET_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 static THRESHOLD_NS: u64 = u64::MAX;
 
+/// A global userspace set at load time. The volatile read keeps the compiler from folding
+/// the compiled-in default: the loader rewrites the value in the object, not in our code.
+#[inline(always)]
+pub fn global<T: Copy>(v: &T) -> T {
+    unsafe { core::ptr::read_volatile(v) }
+}
+
 #[inline(always)]
 pub fn threshold_ns() -> u64 {
-    unsafe { core::ptr::read_volatile(&THRESHOLD_NS) }
+    global(&THRESHOLD_NS)
 }
 
 #[inline(always)]
@@ -61,7 +68,7 @@ pub fn current_thread() -> Option<&'static mut ThreadState> {
 /// Whether `tgid` is not the process this program set traces.
 #[inline(always)]
 pub fn other_process(tgid: u32) -> bool {
-    tgid != unsafe { core::ptr::read_volatile(&TARGET_TGID) }
+    tgid != global(&TARGET_TGID)
 }
 
 #[inline(always)]

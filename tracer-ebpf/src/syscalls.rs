@@ -11,7 +11,7 @@ use tracer_common::{
 
 use crate::{
     stacks,
-    state::{current_iteration, current_thread, current_tid, now},
+    state::{current_iteration, current_thread, current_tid, global, now},
 };
 
 /// Syscall numbers of this architecture left to other groups; filled in by userspace,
@@ -72,11 +72,11 @@ pub fn sys_exit(ctx: TracePointContext) -> u32 {
     // a thread slept in is named.
     let on_cpu = wall.saturating_sub(s.sys_off_ns);
     let nr = s.sys_nr;
-    if contains(&unsafe { core::ptr::read_volatile(&CONN_SYSCALLS) }, nr) {
+    if contains(&global(&CONN_SYSCALLS), nr) {
         s.parts.conn_calls += 1;
         s.parts.conn_ns += on_cpu;
         let accepted = unsafe { ctx.read_at::<i64>(tp::SYS_EXIT_RET) }.is_ok_and(|fd| fd >= 0);
-        if accepted && contains(&unsafe { core::ptr::read_volatile(&ACCEPT_SYSCALLS) }, nr) {
+        if accepted && contains(&global(&ACCEPT_SYSCALLS), nr) {
             s.parts.accepts += 1;
             count_accept(s.tgid);
         }
@@ -101,7 +101,7 @@ fn count_accept(tgid: u32) {
 
 #[inline(always)]
 fn skipped(nr: u64) -> bool {
-    contains(&unsafe { core::ptr::read_volatile(&SKIP_SYSCALLS) }, nr)
+    contains(&global(&SKIP_SYSCALLS), nr)
 }
 
 #[inline(always)]

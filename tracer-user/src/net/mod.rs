@@ -79,6 +79,18 @@ pub struct NetDelta {
     pub max_queue: u32,
 }
 
+impl NetDelta {
+    /// Adds another listener's counts (accepts and queue are the caller's to set).
+    fn add_counts(&mut self, d: &NetDelta) {
+        self.overflows += d.overflows;
+        self.syn_drops += d.syn_drops;
+        self.ack_overflows += d.ack_overflows;
+        self.new_connections += d.new_connections;
+        self.rst_sent += d.rst_sent;
+        self.rst_received += d.rst_received;
+    }
+}
+
 /// A stall's `"net"` object: during it, and in the 500 ms after.
 #[derive(Clone, Debug, Serialize)]
 pub struct StallNet {
@@ -186,13 +198,7 @@ pub fn window(samples: &VecDeque<Sample>, from: u64, to: u64, counts_syns: bool)
     let mut total = NetDelta::default();
     for l in &end.listeners {
         let before = start.listeners.iter().find(|o| o.key == l.key).unwrap_or(l);
-        let d = listener_delta(before, l, counts_syns);
-        total.overflows += d.overflows;
-        total.syn_drops += d.syn_drops;
-        total.ack_overflows += d.ack_overflows;
-        total.new_connections += d.new_connections;
-        total.rst_sent += d.rst_sent;
-        total.rst_received += d.rst_received;
+        total.add_counts(&listener_delta(before, l, counts_syns));
     }
     total.accepts = end.accepts.saturating_sub(start.accepts);
     total.max_queue = samples
