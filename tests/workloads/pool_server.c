@@ -37,6 +37,10 @@ static struct pool pool2 = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
 static pthread_mutex_t io_lock = PTHREAD_MUTEX_INITIALIZER;
 static int client = -1;
 static int borrow_timeout_ms; /* 0: wait forever */
+/* Deadlock mode: all four hold their first connection before any asks for its second, as
+ * they eventually do under load, so the test does not wait on a lucky interleaving. */
+static pthread_barrier_t all_hold_one;
+static int rendezvous;
 
 /* The healthy mode's queue of pending requests. */
 static pthread_mutex_t queue_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -85,6 +89,11 @@ static void borrow_both(struct pool *first, struct pool *second)
     for (;;) {
         while (!take(first))
             ;
+        static __thread int met;
+        if (rendezvous && !met) {
+            met = 1;
+            pthread_barrier_wait(&all_hold_one);
+        }
         sleep_ms(50);
         if (take(second))
             return;
@@ -160,6 +169,8 @@ int main(int argc, char **argv)
     const char *mode = argc > 1 ? argv[1] : "deadlock";
     int queue_mode = strcmp(mode, "queue") == 0;
     borrow_timeout_ms = strcmp(mode, "timeout") == 0 ? 200 : 0;
+    rendezvous = strcmp(mode, "deadlock") == 0;
+    pthread_barrier_init(&all_hold_one, NULL, 4);
     int lfd = listen_loopback();
     if (lfd < 0)
         return 1;
