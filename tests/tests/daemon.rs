@@ -88,7 +88,7 @@ impl Drop for Daemon {
 /// IDs of every loaded BPF program that has the name of one of ours, from bpftool (this
 /// bpftool cannot tell which process holds a program, so the test diffs before and after).
 fn our_programs() -> BTreeSet<u64> {
-    const OURS: &[&str] = &["epoll_enter", "epoll_exit", "thread_exit", "sched_switch", "sys_enter", "sys_exit", "purge_exit"];
+    const OURS: &[&str] = &["epoll_enter", "epoll_exit", "thread_exit", "sched_switch", "conn_enter", "conn_exit", "purge_exit"];
     let out = Command::new("bpftool").args(["prog", "show", "--json"]).output().expect("bpftool");
     let progs: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     progs

@@ -62,7 +62,8 @@ pub mod group {
     pub const PURGE: u32 = 1 << 1;
     /// sched_switch: off-CPU time, runnable vs blocked.
     pub const SCHED: u32 = 1 << 2;
-    /// raw_syscalls: time in every other syscall.
+    /// Time in every other syscall, with no probe on any syscall: the sampler reads which
+    /// syscall a loop thread is in (on CPU), and sched_switch which one it slept in.
     pub const SYSCALLS: u32 = 1 << 3;
     /// uprobes on the allocator's entry points.
     pub const ALLOC: u32 = 1 << 4;
@@ -83,11 +84,14 @@ pub mod globals {
     pub const TARGET_TGID: &str = "TARGET_TGID";
     /// u64 iterations at least this long (ns) are sent as stall records.
     pub const THRESHOLD_NS: &str = "THRESHOLD_NS";
-    /// u64 offset of `prev_state` in the sched_switch tracepoint record (from tracefs format).
-    pub const SCHED_PREV_STATE_OFF: &str = "SCHED_PREV_STATE_OFF";
-    /// u64 offset of `next_pid` in the sched_switch tracepoint record.
-    pub const SCHED_NEXT_PID_OFF: &str = "SCHED_NEXT_PID_OFF";
-    /// u64 syscall numbers of this architecture that raw_syscalls must leave to their own groups.
+    /// u64 offsets of `tgid`, `pid` and `__state` (`state` before 5.14) in `struct
+    /// task_struct`, from BTF: the raw sched tracepoints hand over task pointers.
+    pub const TASK_TGID_OFF: &str = "TASK_TGID_OFF";
+    pub const TASK_PID_OFF: &str = "TASK_PID_OFF";
+    pub const TASK_STATE_OFF: &str = "TASK_STATE_OFF";
+    /// u64 1 when the syscalls group runs.
+    pub const SYSCALLS_ON: &str = "SYSCALLS_ON";
+    /// u64 syscall numbers of this architecture the syscalls group leaves to other groups.
     pub const SKIP_SYSCALLS: &str = "SKIP_SYSCALLS";
     /// u64 syscall numbers that set up or tear down connections (accept, close, epoll_ctl...).
     pub const CONN_SYSCALLS: &str = "CONN_SYSCALLS";
@@ -109,18 +113,22 @@ pub mod globals {
     pub const RST_SPORT_IN_SOCKADDR: &str = "RST_SPORT_IN_SOCKADDR";
     /// u64 1 when the park group runs (sched_switch then also tracks parked threads).
     pub const PARK_ON: &str = "PARK_ON";
-    /// u64 offset of the wakee's `pid` in the sched_waking record (from tracefs).
-    pub const WAKING_PID_OFF: &str = "WAKING_PID_OFF";
     /// u64 1 when the stacks group runs (programs that capture stacks check it).
     pub const STACKS_ON: &str = "STACKS_ON";
     /// u64 calls at least this long (ns) get their stack captured.
     pub const STACK_MIN_NS: &str = "STACK_MIN_NS";
-    /// u64 period of the stall sampler, the weight of one sample.
+    /// u64 period of the sampler, the weight of one syscall sample.
     pub const SAMPLE_PERIOD_NS: &str = "SAMPLE_PERIOD_NS";
+    /// u64 at most one sampled stack per this many ns of a stalled iteration (its weight).
+    pub const STACK_EVERY_NS: &str = "STACK_EVERY_NS";
     /// u64 offsets of the instruction, stack and frame pointers in `struct pt_regs` (BTF).
     pub const PT_REGS_IP_OFF: &str = "PT_REGS_IP_OFF";
     pub const PT_REGS_SP_OFF: &str = "PT_REGS_SP_OFF";
     pub const PT_REGS_BP_OFF: &str = "PT_REGS_BP_OFF";
+    /// u64 offsets of the syscall number (`orig_ax`) and return value (`ax`) in `struct
+    /// pt_regs`; u64::MAX where this architecture has no such pair (the group then sees none).
+    pub const PT_REGS_SYSNR_OFF: &str = "PT_REGS_SYSNR_OFF";
+    pub const PT_REGS_RET_OFF: &str = "PT_REGS_RET_OFF";
 }
 
 /// Map names.
@@ -206,16 +214,19 @@ pub struct Components {
     pub runnable_ns: u64,
     /// Off-CPU while blocked (sleeping, waiting for I/O or a lock), same exclusions.
     pub blocked_ns: u64,
-    pub syscall_calls: u64,
-    /// On-CPU time in syscalls other than epoll, the purge group's and the connection ones.
+    /// Sampler ticks that found the thread on CPU inside another syscall.
+    pub syscall_samples: u64,
+    /// On-CPU time in syscalls other than epoll, the purge group's and the connection ones:
+    /// the samples times the sampler's period (no per-syscall probe: see `group::SYSCALLS`).
     pub syscall_ns: u64,
     /// Connection set-up and tear-down syscalls (accept, close, epoll_ctl, setsockopt...):
     /// calls, on-CPU time, and connections accepted.
     pub conn_calls: u64,
     pub conn_ns: u64,
     pub accepts: u64,
-    /// Syscall number + 1 (0: empty slot) of the costliest other syscalls, by wall time
-    /// (off-CPU included, so the syscall a thread slept in shows up).
+    /// Syscall number + 1 (0: empty slot) of the costliest other syscalls: sampled on-CPU
+    /// time plus the exact off-CPU time spent inside them, so the syscall a thread slept in
+    /// shows up.
     pub top_nr: [u32; TOP_SYSCALLS],
     pub top_ns: [u64; TOP_SYSCALLS],
 }
@@ -343,8 +354,12 @@ pub struct ThreadState {
     pub alloc_start_ns: u64,
     pub alloc_depth: u64,
     pub alloc_nested_at_entry_ns: u64,
-    /// When the thread was switched out (0: on CPU or not tracked).
+    /// When the thread was switched out (0: on CPU or not tracked), and the syscall number + 1
+    /// it went off CPU in (0: none, or the syscalls group is off).
     pub off_start_ns: u64,
+    pub off_syscall: u64,
+    /// When the sampler last sent this thread's stack.
+    pub last_stack_ns: u64,
     pub parts: Components,
 }
 

@@ -12,6 +12,7 @@ mod sched;
 mod stacks;
 mod state;
 mod syscalls;
+mod task;
 
 #[cfg(not(test))]
 #[panic_handler]

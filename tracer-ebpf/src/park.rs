@@ -3,21 +3,22 @@
 //! starved (or deadlocked); that is decided in userspace from this state.
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::HashMap,
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 use tracer_common::{ParkState, TASK_COMM_LEN};
 
-use crate::state::{global, now};
+use crate::{
+    state::{global, now, other_process},
+    task::{self, Task},
+};
 
 #[map]
 pub static PARKED: HashMap<u32, ParkState> = HashMap::with_max_entries(65536, 0);
 
 #[unsafe(no_mangle)]
 static PARK_ON: u64 = 0;
-#[unsafe(no_mangle)]
-static WAKING_PID_OFF: u64 = 24;
 
 #[inline(always)]
 fn entry(tid: u32) -> Option<&'static mut ParkState> {
@@ -30,23 +31,32 @@ pub fn enabled() -> bool {
     global(&PARK_ON) != 0
 }
 
-/// From sched_switch: `prev` goes to sleep (or is preempted), `next` runs.
+/// From sched_switch, for a thread of the target: it goes to sleep (or is preempted).
 #[inline(always)]
-pub fn on_switch(prev: u32, prev_sleeps: bool, next: u32, ts: u64) {
-    if let Some(p) = entry(prev) {
-        p.parked_since_ns = if prev_sleeps { ts } else { 0 };
-    }
-    if let Some(n) = entry(next) {
-        n.parked_since_ns = 0;
+pub fn on_switch_out(tid: u32, sleeps: bool, ts: u64) {
+    if let Some(p) = entry(tid) {
+        p.parked_since_ns = if sleeps { ts } else { 0 };
     }
 }
 
-/// sched_waking runs in the waker's context: the current task is who sent the wakeup.
-#[tracepoint]
-pub fn thread_waking(ctx: TracePointContext) -> u32 {
-    let off = global(&WAKING_PID_OFF) as usize;
-    let Ok(wakee) = (unsafe { ctx.read_at::<u32>(off) }) else { return 0 };
-    let Some(p) = entry(wakee) else { return 0 };
+/// From sched_switch, for a thread of the target: it runs.
+#[inline(always)]
+pub fn on_switch_in(tid: u32) {
+    if let Some(p) = entry(tid) {
+        p.parked_since_ns = 0;
+    }
+}
+
+/// sched_waking(struct task_struct *p) runs in the waker's context: the current task is who
+/// sent the wakeup. A raw tracepoint for the same reason as sched_switch: it fires for every
+/// wakeup on the host.
+#[raw_tracepoint(tracepoint = "sched_waking")]
+pub fn thread_waking(ctx: RawTracePointContext) -> u32 {
+    let wakee: Task = ctx.arg(0);
+    if other_process(task::tgid(wakee)) {
+        return 0;
+    }
+    let Some(p) = entry(task::tid(wakee)) else { return 0 };
     let id = bpf_get_current_pid_tgid();
     p.last_wakeup_ns = now();
     p.waker_tid = id as u32;

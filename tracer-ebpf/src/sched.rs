@@ -1,42 +1,49 @@
 //! Sched group: off-CPU time inside an iteration, split into runnable (preempted, waiting for a
 //! CPU) and blocked (sleeping on I/O, a lock, a timer).
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+//!
+//! sched_switch fires on every context switch of the host, so it is a raw tracepoint (no
+//! record is formatted for it) and leaves after two tgid compares unless the target is
+//! switching out or in: no map is touched for anybody else.
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tracer_common::thread_flag::OFF_RUNNABLE;
 
 use crate::{
-    park,
-    state::{current_iteration, current_tid, global, now, thread},
+    park, syscalls,
+    state::{current_iteration, current_tgid, current_tid, now, other_process, thread},
+    task::{self, Task},
 };
 
-/// Field offsets in the sched_switch record (`tracer_common::globals`), read from tracefs by
-/// userspace: they have moved between kernel versions.
-#[unsafe(no_mangle)]
-static SCHED_PREV_STATE_OFF: u64 = 32;
-#[unsafe(no_mangle)]
-static SCHED_NEXT_PID_OFF: u64 = 56;
-
-/// prev_state is 0 (TASK_RUNNING) or TASK_REPORT_MAX (0x100, preempted) when the task could
-/// still run; TASK_REPORT_IDLE (0x80) and the low bits are sleeping states.
-const SLEEPING_STATES: i64 = 0xff;
-
-#[tracepoint]
-pub fn sched_switch(ctx: TracePointContext) -> u32 {
+/// TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
+    // The tracepoint runs in the context of prev, the task being switched out.
+    let prev_ours = !other_process(current_tgid());
+    let next: Task = ctx.arg(2);
+    let next_ours = !other_process(task::tgid(next));
+    if !prev_ours && !next_ours {
+        return 0;
+    }
     let ts = now();
-    let state_off = global(&SCHED_PREV_STATE_OFF) as usize;
-    let sleeps = unsafe { ctx.read_at::<i64>(state_off) }.unwrap_or(1) & SLEEPING_STATES != 0;
-    let next_off = global(&SCHED_NEXT_PID_OFF) as usize;
-    let next = unsafe { ctx.read_at::<u32>(next_off) }.unwrap_or(0);
-    switch_out(sleeps, ts);
-    switch_in(next, ts);
-    if park::enabled() {
-        park::on_switch(current_tid(), sleeps, next, ts);
+    if prev_ours {
+        let preempt: u64 = ctx.arg(0);
+        let sleeps = preempt & 1 == 0 && task::sleeping(ctx.arg(1));
+        switch_out(sleeps, ts);
+        if park::enabled() {
+            park::on_switch_out(current_tid(), sleeps, ts);
+        }
+    }
+    if next_ours {
+        let tid = task::tid(next);
+        switch_in(tid, ts);
+        if park::enabled() {
+            park::on_switch_in(tid);
+        }
     }
     0
 }
 
 #[inline(always)]
 fn switch_out(sleeps: bool, ts: u64) {
-    // The tracepoint runs in the context of the task being switched out.
     let Some(s) = current_iteration() else { return };
     if sleeps {
         s.flags &= !OFF_RUNNABLE;
@@ -44,11 +51,12 @@ fn switch_out(sleeps: bool, ts: u64) {
         s.flags |= OFF_RUNNABLE;
     }
     s.off_start_ns = ts;
+    s.off_syscall = syscalls::current_other(s).map_or(0, |nr| nr + 1);
 }
 
 #[inline(always)]
-fn switch_in(next: u32, ts: u64) {
-    let Some(s) = thread(next) else { return };
+fn switch_in(tid: u32, ts: u64) {
+    let Some(s) = thread(tid) else { return };
     if s.off_start_ns == 0 {
         return;
     }
@@ -59,6 +67,10 @@ fn switch_in(next: u32, ts: u64) {
     }
     if s.sys_start_ns != 0 {
         s.sys_off_ns += off_ns;
+    }
+    if s.off_syscall != 0 {
+        syscalls::add_top(&mut s.parts, s.off_syscall - 1, off_ns);
+        s.off_syscall = 0;
     }
     // Waiting inside madvise or the allocator is theirs to answer for, not the scheduler's.
     if s.purge_start_ns != 0 || s.alloc_depth != 0 {

@@ -11,7 +11,10 @@ use aya_ebpf::{
 };
 use tracer_common::{STACK_BYTES, StackEvent, ThreadState, counter, stack_kind};
 
-use crate::state::{count, current_thread, current_tid, global, now, threshold_ns};
+use crate::{
+    state::{count, current_iteration, current_tid, global, now, threshold_ns},
+    syscalls,
+};
 
 /// 16 KiB records, a few per slow call or sampled stall, drained every 100 ms: 4 MiB (256
 /// records) rides out a burst.
@@ -28,6 +31,8 @@ static STACK_MIN_NS: u64 = 1_000_000;
 #[unsafe(no_mangle)]
 static SAMPLE_PERIOD_NS: u64 = 10_000_000;
 #[unsafe(no_mangle)]
+static STACK_EVERY_NS: u64 = 10_000_000;
+#[unsafe(no_mangle)]
 static PT_REGS_IP_OFF: u64 = 128;
 #[unsafe(no_mangle)]
 static PT_REGS_SP_OFF: u64 = 152;
@@ -41,15 +46,28 @@ pub fn slow(ns: u64) -> bool {
     global(&STACKS_ON) != 0 && ns >= global(&STACK_MIN_NS)
 }
 
-/// The timer-driven sampler: keeps a sample only for a loop thread whose current iteration
-/// has already run past its target's threshold.
+/// The timer-driven sampler on every CPU. For a loop thread inside an iteration it feeds the
+/// syscalls group (which syscall the thread is in), and once the iteration is past its
+/// target's threshold it sends a stack every STACK_EVERY_NS. Every other tick ends at the
+/// tgid compare.
 #[perf_event]
 pub fn stall_sample(ctx: PerfEventContext) -> u32 {
-    let Some(s) = current_thread() else { return 0 };
-    if s.iter_start_ns == 0 || now().saturating_sub(s.iter_start_ns) < threshold_ns() {
+    let Some(s) = current_iteration() else { return 0 };
+    if let Some(nr) = syscalls::current_other(s) {
+        syscalls::sampled(s, nr, global(&SAMPLE_PERIOD_NS));
+    }
+    if global(&STACKS_ON) == 0 {
         return 0;
     }
-    capture(&ctx, s, current_tid(), stack_kind::SAMPLE, global(&SAMPLE_PERIOD_NS));
+    let ts = now();
+    let every = global(&STACK_EVERY_NS);
+    // Ticks jitter: half a period of slack keeps one stack per STACK_EVERY_NS, not one per two.
+    let due = every.saturating_sub(global(&SAMPLE_PERIOD_NS) / 2);
+    if ts.saturating_sub(s.iter_start_ns) < threshold_ns() || ts.saturating_sub(s.last_stack_ns) < due {
+        return 0;
+    }
+    s.last_stack_ns = ts;
+    capture(&ctx, s, current_tid(), stack_kind::SAMPLE, every);
     0
 }
 

@@ -53,6 +53,11 @@ pub fn current_tid() -> u32 {
     bpf_get_current_pid_tgid() as u32
 }
 
+#[inline(always)]
+pub fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
 /// The calling thread's state, if it is a tracked event-loop thread.
 #[inline(always)]
 pub fn current_thread() -> Option<&'static mut ThreadState> {

@@ -1,5 +1,8 @@
-//! Syscalls group: on-CPU time in every syscall other than epoll and the purge group's (those
-//! have programs of their own), with the costliest syscalls of the iteration by wall time.
+//! Syscalls group: time in every syscall other than epoll, the purge group's and the
+//! connection ones (those have programs of their own), with the costliest syscalls of the
+//! iteration. A probe on every syscall would cost each syscall of the host ~100 ns, so none
+//! is attached: the sampler (`stacks::stall_sample`) reads which syscall a loop thread is in
+//! while on CPU, and sched_switch which one it went off CPU in (exact off-CPU time).
 use aya_ebpf::{
     macros::{map, tracepoint},
     maps::PerCpuHashMap,
@@ -12,7 +15,11 @@ use tracer_common::{
 use crate::{
     stacks,
     state::{current_iteration, current_thread, current_tid, global, now},
+    task,
 };
+
+#[unsafe(no_mangle)]
+static SYSCALLS_ON: u64 = 0;
 
 /// Syscall numbers of this architecture left to other groups; filled in by userspace,
 /// u64::MAX marks an unused slot.
@@ -29,17 +36,6 @@ static ACCEPT_SYSCALLS: [u64; 2] = [u64::MAX; 2];
 /// Accepts per target, for the accept rate; userspace inserts the entry.
 #[map]
 pub static TARGET_STATS: PerCpuHashMap<u32, TargetStats> = PerCpuHashMap::with_max_entries(1024, 0);
-
-/// raw_syscalls:sys_enter: every syscall (the syscalls group).
-#[tracepoint]
-pub fn sys_enter(ctx: TracePointContext) -> u32 {
-    let Some(s) = current_iteration() else { return 0 };
-    let Ok(nr) = (unsafe { ctx.read_at::<u64>(tp::RAW_SYS_ID) }) else { return 0 };
-    if !skipped(nr) {
-        begin(s, nr);
-    }
-    0
-}
 
 /// syscalls:sys_enter_<accept4, close, epoll_ctl...>: only the connection syscalls, so the
 /// net group accounts them without paying for every syscall on the host.
@@ -59,9 +55,9 @@ fn begin(s: &mut ThreadState, nr: u64) {
     s.sys_start_ns = now();
 }
 
-/// raw_syscalls:sys_exit, and the connection syscalls' own exits (same record layout).
+/// The connection syscalls' exits.
 #[tracepoint]
-pub fn sys_exit(ctx: TracePointContext) -> u32 {
+pub fn conn_exit(ctx: TracePointContext) -> u32 {
     let Some(s) = current_thread() else { return 0 };
     if s.sys_start_ns == 0 {
         return 0;
@@ -72,17 +68,12 @@ pub fn sys_exit(ctx: TracePointContext) -> u32 {
     // a thread slept in is named.
     let on_cpu = wall.saturating_sub(s.sys_off_ns);
     let nr = s.sys_nr;
-    if contains(&global(&CONN_SYSCALLS), nr) {
-        s.parts.conn_calls += 1;
-        s.parts.conn_ns += on_cpu;
-        let accepted = unsafe { ctx.read_at::<i64>(tp::SYS_EXIT_RET) }.is_ok_and(|fd| fd >= 0);
-        if accepted && contains(&global(&ACCEPT_SYSCALLS), nr) {
-            s.parts.accepts += 1;
-            count_accept(s.tgid);
-        }
-    } else {
-        s.parts.syscall_calls += 1;
-        s.parts.syscall_ns += on_cpu;
+    s.parts.conn_calls += 1;
+    s.parts.conn_ns += on_cpu;
+    let accepted = unsafe { ctx.read_at::<i64>(tp::SYS_EXIT_RET) }.is_ok_and(|fd| fd >= 0);
+    if accepted && contains(&global(&ACCEPT_SYSCALLS), nr) {
+        s.parts.accepts += 1;
+        count_accept(s.tgid);
     }
     add_top(&mut s.parts, nr, wall);
     if stacks::slow(wall) {
@@ -100,8 +91,32 @@ fn count_accept(tgid: u32) {
 }
 
 #[inline(always)]
-fn skipped(nr: u64) -> bool {
-    contains(&global(&SKIP_SYSCALLS), nr)
+pub fn enabled() -> bool {
+    global(&SYSCALLS_ON) != 0
+}
+
+/// The syscall the current thread is inside, when it is this group's to account: the group
+/// is on, and the call is not another group's (a purge or connection call being timed, or a
+/// syscall on the skip list).
+#[inline(always)]
+pub fn current_other(s: &ThreadState) -> Option<u64> {
+    if !enabled() || s.purge_start_ns != 0 || s.sys_start_ns != 0 {
+        return None;
+    }
+    task::current_syscall().filter(|nr| !contains(&global(&SKIP_SYSCALLS), *nr))
+}
+
+/// One sampler tick found the thread on CPU in syscall `nr`. The per-request connection
+/// calls the net group leaves untimed (epoll_ctl, fcntl...) still count as connection work.
+#[inline(always)]
+pub fn sampled(s: &mut ThreadState, nr: u64, period_ns: u64) {
+    if contains(&global(&CONN_SYSCALLS), nr) {
+        s.parts.conn_ns += period_ns;
+    } else {
+        s.parts.syscall_samples += 1;
+        s.parts.syscall_ns += period_ns;
+    }
+    add_top(&mut s.parts, nr, period_ns);
 }
 
 #[inline(always)]
@@ -119,7 +134,7 @@ fn contains<const N: usize>(set: &[u64; N], nr: u64) -> bool {
 /// Adds to the syscall's slot, takes a free one, or evicts the cheapest if this call alone
 /// costs more: a bounded table, so the verifier sees a fixed loop.
 #[inline(always)]
-fn add_top(p: &mut Components, nr: u64, ns: u64) {
+pub fn add_top(p: &mut Components, nr: u64, ns: u64) {
     let key = nr as u32 + 1;
     let mut cheapest = 0;
     let mut i = 0;

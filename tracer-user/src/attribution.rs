@@ -57,7 +57,9 @@ pub struct OffCpu {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Syscalls {
-    pub calls: u64,
+    /// Sampler ticks (one per ms) that found the thread on CPU in one of them: no probe
+    /// counts calls, so a count of calls is not known.
+    pub samples: u64,
     pub ns: u64,
     /// Name of the syscall with the most wall time (off-CPU included) in this stall.
     pub top: Option<String>,
@@ -161,7 +163,7 @@ pub fn attribute(ev: &StallEvent) -> Stall {
         alloc: Alloc { calls: p.alloc_calls, ns: p.alloc_ns },
         off_cpu: OffCpu { runnable_ns: p.runnable_ns, blocked_ns: p.blocked_ns },
         syscalls: Syscalls {
-            calls: p.syscall_calls,
+            samples: p.syscall_samples,
             ns: p.syscall_ns,
             top: by_name.first().map(|(n, _)| n.clone()),
             by_name,

@@ -65,7 +65,7 @@ pub struct Session {
     target: Target,
     net: Option<Net>,
     stacks: Option<StackCollector>,
-    /// When blocked loop threads are next looked at (stacks without the syscalls group).
+    /// When blocked loop threads are next looked at (their stacks come from /proc).
     blocked_due: Option<Instant>,
     starvation: Option<(StarvationMonitor, Instant)>,
     pub app: App,
@@ -93,9 +93,9 @@ impl Session {
         };
         let app = App::new(target.pid, target.comm.clone(), opts.threshold_ns);
         let deadline = opts.duration.map(|d| Instant::now() + d);
-        // With the syscalls group a slow syscall's stack is taken at its exit; without it, a
-        // sleeping loop thread's is read from /proc while its iteration is past the threshold.
-        let blocked_due = (stacks.is_some() && opts.probes.groups & group::SYSCALLS == 0).then(Instant::now);
+        // No probe sees a syscall's exit: a sleeping loop thread's stack is read from /proc
+        // while its iteration is past the threshold (running ones are sampled in the kernel).
+        let blocked_due = stacks.is_some().then(Instant::now);
         Ok(Self { probes, ring, target, net, stacks, blocked_due, starvation, app, stop, deadline })
     }
 

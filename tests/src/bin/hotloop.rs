@@ -4,7 +4,7 @@
 //! eventfd, then K times one operation:
 //!
 //! - `epoll`   nothing (K is ignored): the loop alone, what the loop group costs
-//! - `getppid` a trivial syscall: the syscalls group (raw_syscalls) per call
+//! - `getppid` a trivial syscall: what the syscalls group (sampled) costs per call
 //! - `madvise` `madvise(MADV_NORMAL)` on one page: the purge group's tracepoints per call
 //! - `realloc` libc `realloc` of one buffer between two small sizes: the alloc uprobes per call
 //!

@@ -3,7 +3,8 @@
 //!
 //! Commands (one per line, each answered with `OK <ns>`: the time the command itself took):
 //! `PING`, `FILL <MiB>` (allocate and touch a buffer), `SHRINK` (realloc it down to 4 KiB),
-//! `SPIN <ms>` (burn CPU), `SLEEP <ms>` (block), `QUIT` (exit).
+//! `SPIN <ms>` (burn CPU), `SLEEP <ms>` (block), `ZERO <ms>` (on CPU inside read(2) of
+//! /dev/zero: kernel time), `QUIT` (exit).
 use std::{
     collections::HashMap,
     io::{ErrorKind, Read as _, Write as _},
@@ -139,10 +140,21 @@ fn run_command(line: &str, state: &mut State) -> String {
         }
         "SPIN" => spin(Duration::from_millis(arg)),
         "SLEEP" => std::thread::sleep(Duration::from_millis(arg)),
+        "ZERO" => read_zero(Duration::from_millis(arg)),
         "QUIT" => std::process::exit(0),
         _ => return format!("ERR unknown command {cmd:?}\n"),
     }
     format!("OK {}\n", t.elapsed().as_nanos())
+}
+
+/// Kernel time on CPU: each 1 MiB read is the kernel clearing a buffer.
+fn read_zero(d: Duration) {
+    let Ok(mut f) = std::fs::File::open("/dev/zero") else { return };
+    let mut buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    while t.elapsed() < d {
+        let _ = f.read(&mut buf);
+    }
 }
 
 fn spin(d: Duration) {

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::PerCpuArray,
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{RawTracePoint, TracePoint, UProbe, uprobe::UProbeScope},
 };
 use tracer_common::{
     CONN_SYSCALLS_LEN, SKIP_SYSCALLS_LEN, TargetStats, counter, globals, group, maps,
@@ -36,19 +36,56 @@ pub struct Probes {
 
 /// Calls at least this long get a stack.
 const STACK_MIN_NS: u64 = 1_000_000;
-/// The stall sampler's period: 100 samples a second of a thread already past its threshold.
-pub const SAMPLE_PERIOD_NS: u64 = 10_000_000;
+/// Stacks of a stalled iteration: one per 10 ms of it.
+pub const STACK_EVERY_NS: u64 = 10_000_000;
+/// The sampler's period with the syscalls group on: its on-CPU syscall time comes in 1 ms
+/// steps. A tick costs ~0.1 µs per CPU when no loop thread runs there, so 1 kHz is cheap.
+const SYSCALL_SAMPLE_NS: u64 = 1_000_000;
+
+/// The sampler's period: 1 ms for the syscalls group, else one tick per stack.
+pub fn sample_period_ns(groups: u32) -> u64 {
+    if groups & group::SYSCALLS != 0 { SYSCALL_SAMPLE_NS } else { STACK_EVERY_NS }
+}
 
 /// Where the user registers sit in `struct pt_regs` on this architecture.
 struct RegsGlobals {
     ip: u64,
     sp: u64,
     bp: u64,
+    /// Where the syscall number sits, and the register that holds -ENOSYS during a syscall
+    /// (x86's orig_ax and ax; arm64 marks non-syscalls in `syscallno` alone: no second check).
+    sysnr: u64,
+    ret: u64,
 }
 
 impl RegsGlobals {
     fn read(types: &btf::KernelTypes) -> Result<Self> {
-        Ok(Self { ip: types.offset("pt_regs", "ip")?, sp: types.offset("pt_regs", "sp")?, bp: types.offset("pt_regs", "bp")? })
+        let (sysnr, ret) = match types.offset("pt_regs", "orig_ax") {
+            Ok(nr) => (nr, types.offset("pt_regs", "ax")?),
+            Err(_) => (types.offset("pt_regs", "syscallno").unwrap_or(u64::MAX), u64::MAX),
+        };
+        Ok(Self {
+            ip: types.offset("pt_regs", "ip")?,
+            sp: types.offset("pt_regs", "sp")?,
+            bp: types.offset("pt_regs", "bp")?,
+            sysnr,
+            ret,
+        })
+    }
+}
+
+/// Where the raw sched tracepoints find a task's ids and state.
+struct TaskGlobals {
+    tgid: u64,
+    pid: u64,
+    state: u64,
+}
+
+impl TaskGlobals {
+    fn read(types: &btf::KernelTypes) -> Result<Self> {
+        // 5.14 renamed `state` to `__state` so that nobody reads it without READ_ONCE.
+        let state = types.offset("task_struct", "__state").or_else(|_| types.offset("task_struct", "state"))?;
+        Ok(Self { tgid: types.offset("task_struct", "tgid")?, pid: types.offset("task_struct", "pid")?, state })
     }
 }
 
@@ -102,21 +139,21 @@ impl Probes {
     /// `threshold_ns`.
     pub fn load(config: &ProbeConfig, pid: u32, threshold_ns: u64) -> Result<Self> {
         tracefs::ensure_mounted()?;
-        let prev_state = tracefs::field_offset("sched", "sched_switch", "prev_state")?;
-        let next_pid = tracefs::field_offset("sched", "sched_switch", "next_pid")?;
         let skip = skip_syscalls(config.groups);
         let conn = syscall_set::<CONN_SYSCALLS_LEN>(&CONN.map(|c| c.1));
         let accept = syscall_set::<2>(&ACCEPT_NRS);
         let net = NetGlobals::read()?;
         let regs = RegsGlobals::read(&net.types)?;
-        let stacks_on = u64::from(config.groups & group::STACKS != 0);
-        let park_on = u64::from(config.groups & group::PARK != 0);
-        let waking_pid = tracefs::field_offset("sched", "sched_waking", "pid")?;
+        let task = TaskGlobals::read(&net.types)?;
+        let on = |g: u32| u64::from(config.groups & g != 0);
+        let period = sample_period_ns(config.groups);
         let ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &pid, true)
             .override_global(globals::THRESHOLD_NS, &threshold_ns, true)
-            .override_global(globals::SCHED_PREV_STATE_OFF, &prev_state, true)
-            .override_global(globals::SCHED_NEXT_PID_OFF, &next_pid, true)
+            .override_global(globals::TASK_TGID_OFF, &task.tgid, true)
+            .override_global(globals::TASK_PID_OFF, &task.pid, true)
+            .override_global(globals::TASK_STATE_OFF, &task.state, true)
+            .override_global(globals::SYSCALLS_ON, &on(group::SYSCALLS), true)
             .override_global(globals::SKIP_SYSCALLS, &skip, true)
             .override_global(globals::CONN_SYSCALLS, &conn, true)
             .override_global(globals::ACCEPT_SYSCALLS, &accept, true)
@@ -128,14 +165,16 @@ impl Probes {
             .override_global(globals::KFREE_RX_SK_OFF, &net.kfree_rx_sk, true)
             .override_global(globals::RST_SPORT_OFF, &net.rst_sport, true)
             .override_global(globals::RST_SPORT_IN_SOCKADDR, &net.rst_sport_in_sockaddr, true)
-            .override_global(globals::STACKS_ON, &stacks_on, true)
-            .override_global(globals::PARK_ON, &park_on, true)
-            .override_global(globals::WAKING_PID_OFF, &waking_pid, true)
+            .override_global(globals::STACKS_ON, &on(group::STACKS), true)
+            .override_global(globals::PARK_ON, &on(group::PARK), true)
             .override_global(globals::STACK_MIN_NS, &STACK_MIN_NS, true)
-            .override_global(globals::SAMPLE_PERIOD_NS, &SAMPLE_PERIOD_NS, true)
+            .override_global(globals::SAMPLE_PERIOD_NS, &period, true)
+            .override_global(globals::STACK_EVERY_NS, &STACK_EVERY_NS, true)
             .override_global(globals::PT_REGS_IP_OFF, &regs.ip, true)
             .override_global(globals::PT_REGS_SP_OFF, &regs.sp, true)
             .override_global(globals::PT_REGS_BP_OFF, &regs.bp, true)
+            .override_global(globals::PT_REGS_SYSNR_OFF, &regs.sysnr, true)
+            .override_global(globals::PT_REGS_RET_OFF, &regs.ret, true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer")))
             .context("loading the eBPF object")?;
         Ok(Self { ebpf, attached: Vec::new(), notes: Vec::new(), net })
@@ -150,15 +189,12 @@ impl Probes {
             self.attach_purge()?;
         }
         // The park group keeps its sleep bookkeeping in the same sched_switch program.
-        if config.groups & (group::SCHED | group::PARK) != 0 {
-            self.tracepoint("sched_switch", "sched", &["sched_switch"])?;
+        // The syscalls group learns from sched_switch which syscall a thread slept in.
+        if config.groups & (group::SCHED | group::PARK | group::SYSCALLS) != 0 {
+            self.raw_tracepoint("sched_switch", "sched_switch")?;
         }
         if config.groups & group::PARK != 0 {
-            self.tracepoint("thread_waking", "sched", &["sched_waking"])?;
-        }
-        if config.groups & group::SYSCALLS != 0 {
-            self.tracepoint("sys_enter", "raw_syscalls", &["sys_enter"])?;
-            self.tracepoint("sys_exit", "raw_syscalls", &["sys_exit"])?;
+            self.raw_tracepoint("thread_waking", "sched_waking")?;
         }
         if config.groups & group::ALLOC != 0 {
             self.attach_alloc(target, &config.alloc_funcs)?;
@@ -166,15 +202,15 @@ impl Probes {
         if config.groups & group::NET != 0 {
             self.attach_net(target)?;
         }
-        if config.groups & group::STACKS != 0 {
-            self.attach_sampler()?;
+        if config.groups & (group::STACKS | group::SYSCALLS) != 0 {
+            self.attach_sampler(sample_period_ns(config.groups))?;
         }
         Ok(())
     }
 
-    /// A CPU-clock perf event on every CPU runs `stall_sample`, which keeps only samples of a
-    /// loop thread already past its threshold.
-    fn attach_sampler(&mut self) -> Result<()> {
+    /// A CPU-clock perf event on every CPU runs `stall_sample`, which looks only at a loop
+    /// thread inside an iteration.
+    fn attach_sampler(&mut self, period_ns: u64) -> Result<()> {
         use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
         let p: &mut aya::programs::PerfEvent = program(&mut self.ebpf, "stall_sample")?.try_into()?;
         p.load().context("loading stall_sample")?;
@@ -182,12 +218,12 @@ impl Probes {
             p.attach(
                 PerfEventConfig::Software(SoftwareEvent::CpuClock),
                 PerfEventScope::AllProcessesOneCpu { cpu },
-                SamplePolicy::Period(SAMPLE_PERIOD_NS),
+                SamplePolicy::Period(period_ns),
                 false,
             )
             .with_context(|| format!("attaching the stall sampler on CPU {cpu}"))?;
         }
-        self.attached.push(format!("perf cpu-clock every {}ms", SAMPLE_PERIOD_NS / 1_000_000));
+        self.attached.push(format!("perf cpu-clock every {}ms", period_ns / 1_000_000));
         Ok(())
     }
 
@@ -224,7 +260,7 @@ impl Probes {
         let enters: Vec<String> = present.iter().map(|n| format!("sys_enter_{n}")).collect();
         let exits: Vec<String> = present.iter().map(|n| format!("sys_exit_{n}")).collect();
         self.tracepoint("conn_enter", "syscalls", &enters.iter().map(String::as_str).collect::<Vec<_>>())?;
-        self.tracepoint("sys_exit", "syscalls", &exits.iter().map(String::as_str).collect::<Vec<_>>())
+        self.tracepoint("conn_exit", "syscalls", &exits.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     fn attach_fentry(&mut self, prog: &str, func: &str) -> Result<()> {
@@ -290,15 +326,22 @@ impl Probes {
 
     fn tracepoint(&mut self, prog: &str, category: &str, names: &[&str]) -> Result<()> {
         let p: &mut TracePoint = program(&mut self.ebpf, prog)?.try_into()?;
-        // sys_exit serves raw_syscalls and the connection syscalls: load it once.
-        if p.fd().is_err() {
-            p.load().with_context(|| format!("loading {prog}"))?;
-        }
+        p.load().with_context(|| format!("loading {prog}"))?;
         for name in names {
             p.attach(category, name)
                 .with_context(|| format!("attaching {prog} to {category}:{name}"))?;
             self.attached.push(format!("{category}:{name}"));
         }
+        Ok(())
+    }
+
+    /// A raw tracepoint: no record is formatted for it, which matters on hooks that fire for
+    /// every task on the host.
+    fn raw_tracepoint(&mut self, prog: &str, name: &str) -> Result<()> {
+        let p: &mut RawTracePoint = program(&mut self.ebpf, prog)?.try_into()?;
+        p.load().with_context(|| format!("loading {prog}"))?;
+        p.attach(name).with_context(|| format!("attaching {prog} to raw tracepoint {name}"))?;
+        self.attached.push(format!("raw_tp:{name}"));
         Ok(())
     }
 
@@ -359,8 +402,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))
 }
 
-/// Syscalls that attached groups account for, which the raw_syscalls programs must not
-/// count twice.
+/// Syscalls that attached groups account for, which the syscalls group must not count twice.
 fn skip_syscalls(groups: u32) -> [u64; SKIP_SYSCALLS_LEN] {
     #[cfg(target_arch = "x86_64")]
     let mut nrs = vec![libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];

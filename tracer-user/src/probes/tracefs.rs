@@ -1,7 +1,7 @@
 //! tracefs: where tracepoints are attached by name, and where their record layouts are told.
 use std::{fs, path::Path};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -23,14 +23,8 @@ pub fn ensure_mounted() -> Result<()> {
     Ok(())
 }
 
-/// Offset of `field` in the record of tracepoint `category/name`, from its format file.
-pub fn field_offset(category: &str, name: &str, field: &str) -> Result<u64> {
-    let path = format!("{TRACEFS}/events/{category}/{name}/format");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_offset(&text, field).ok_or_else(|| anyhow!("field {field} not found in {path}"))
-}
-
-/// Like `field_offset`, but None when the field does not exist on this kernel.
+/// Offset of `field` in the record of tracepoint `category/name`, from its format file; None
+/// when the field does not exist on this kernel.
 pub fn optional_field_offset(category: &str, name: &str, field: &str) -> Option<u64> {
     let text = fs::read_to_string(format!("{TRACEFS}/events/{category}/{name}/format")).ok()?;
     parse_offset(&text, field)

@@ -107,7 +107,7 @@ fn detail_lines(s: &Stall) -> Vec<Line<'static>> {
             human_ns(s.off_cpu.blocked_ns),
             human_ns(s.off_cpu.runnable_ns)
         )),
-        Line::from(format!("{} syscall: {} on CPU in {} calls", pct(s.shares.syscall), human_ns(s.syscalls.ns), s.syscalls.calls)),
+        Line::from(format!("{} syscall: {} on CPU (sampled)", pct(s.shares.syscall), human_ns(s.syscalls.ns))),
     ];
     if s.connections.calls > 0 {
         lines.push(Line::from(format!(

@@ -17,9 +17,9 @@ use super::{
 const VARIANTS: [Variant; 2] = [Variant::Stalltrace("default"), Variant::Stalltrace("all")];
 
 /// Our programs in the order they are listed; any others follow.
-const PROGRAM_ORDER: [&str; 12] = [
+const PROGRAM_ORDER: [&str; 13] = [
     "epoll_enter", "epoll_exit", "thread_exit", "madvise_enter", "munmap_enter", "mremap_enter",
-    "purge_exit", "sched_switch", "sys_enter", "sys_exit", "alloc_enter", "alloc_exit",
+    "purge_exit", "sched_switch", "thread_waking", "stall_sample", "alloc_enter", "alloc_exit", "conn_enter",
 ];
 
 /// Per run: requests, wall seconds, and each program's (runs, ns) over the run.

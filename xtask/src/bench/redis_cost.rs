@@ -121,7 +121,7 @@ fn section(ctx: &Ctx, ns: &[u64], samples: &Samples, raw: Vec<String>) -> Sectio
              the four invocations and detaches after. Cells are medians over the rounds; ratio \
              is against untraced. The bpftrace variant runs the script below: madvise and epoll_wait \
              durations, the realloc uprobe pair and off-CPU time, like parts of stalltrace's purge, \
-             loop, alloc and sched groups, but nothing like its syscalls group (raw_syscalls):\n\n\
+             loop, alloc and sched groups (stalltrace's syscalls group probes no syscall: it samples):\n\n\
              ```\n{}```",
             redis::SERVER_CPU,
             redis::CLIENT_CPU,

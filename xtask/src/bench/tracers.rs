@@ -131,7 +131,7 @@ fn allocator_object(pid: u32) -> Result<String> {
 
 /// Much of what stalltrace's probes do, as bpftrace: madvise and epoll_wait durations per
 /// thread (parts of the purge and loop groups), the realloc uprobe pair (alloc) and off-CPU
-/// time (sched). Nothing like the syscalls group (raw_syscalls).
+/// time (sched).
 pub fn bpftrace_script(pid: &str, allocator: &str) -> String {
     format!(
         r#"tracepoint:syscalls:sys_enter_madvise /pid == {pid}/ {{ @madvise_start[tid] = nsecs; }}

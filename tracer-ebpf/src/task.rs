@@ -1,0 +1,66 @@
+//! Fields of a `struct task_struct`, at offsets userspace read from BTF (the raw sched
+//! tracepoints hand over task pointers), and the syscall the current task is inside.
+use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs};
+
+use crate::state::global;
+
+#[unsafe(no_mangle)]
+static TASK_TGID_OFF: u64 = 0;
+#[unsafe(no_mangle)]
+static TASK_PID_OFF: u64 = 0;
+#[unsafe(no_mangle)]
+static TASK_STATE_OFF: u64 = 0;
+#[unsafe(no_mangle)]
+static PT_REGS_SYSNR_OFF: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static PT_REGS_RET_OFF: u64 = u64::MAX;
+
+/// x86's syscall entry parks -ENOSYS in the return register until the call returns; an
+/// exception frame holds whatever user code had there, which tells a page fault's error code
+/// (stored where the syscall number goes) from a syscall number.
+const ENOSYS: i64 = 38;
+
+pub type Task = *const u8;
+
+#[inline(always)]
+fn read<T: Default>(base: *const u8, off: &u64) -> T {
+    // SAFETY: a probe read: a bad address yields an error, not a fault.
+    unsafe { bpf_probe_read_kernel(base.add(global(off) as usize).cast::<T>()) }.unwrap_or_default()
+}
+
+#[inline(always)]
+pub fn tgid(t: Task) -> u32 {
+    read(t, &TASK_TGID_OFF)
+}
+
+/// The kernel's pid: the thread id.
+#[inline(always)]
+pub fn tid(t: Task) -> u32 {
+    read(t, &TASK_PID_OFF)
+}
+
+/// Whether a task being switched out without preemption is going to sleep: any state but
+/// TASK_RUNNING (0), which a yield or a wakeup racing with schedule() leaves.
+#[inline(always)]
+pub fn sleeping(t: Task) -> bool {
+    read::<u32>(t, &TASK_STATE_OFF) != 0
+}
+
+/// The number of the syscall the current task is inside, read from the registers saved at
+/// the top of its kernel stack: None in user code, an interrupt or a fault.
+#[inline(always)]
+pub fn current_syscall() -> Option<u64> {
+    if global(&PT_REGS_SYSNR_OFF) == u64::MAX {
+        return None;
+    }
+    // SAFETY: helpers on the current task, always valid in a tracing program.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    let nr: i32 = read(regs, &PT_REGS_SYSNR_OFF);
+    if nr < 0 {
+        return None;
+    }
+    if global(&PT_REGS_RET_OFF) != u64::MAX && read::<i64>(regs, &PT_REGS_RET_OFF) != -ENOSYS {
+        return None;
+    }
+    Some(nr as u64)
+}
