@@ -89,6 +89,11 @@ pub mod globals {
     pub const TASK_TGID_OFF: &str = "TASK_TGID_OFF";
     pub const TASK_PID_OFF: &str = "TASK_PID_OFF";
     pub const TASK_STATE_OFF: &str = "TASK_STATE_OFF";
+    /// u64 1 when an iteration's start is inferred (no program at epoll's return): the
+    /// registers tell whether a loop thread is still inside epoll_wait.
+    pub const LAZY_BEGIN: &str = "LAZY_BEGIN";
+    /// u64 syscall numbers of epoll_wait, epoll_pwait and epoll_pwait2 (u64::MAX where absent).
+    pub const EPOLL_SYSCALLS: &str = "EPOLL_SYSCALLS";
     /// u64 1 when the syscalls group runs.
     pub const SYSCALLS_ON: &str = "SYSCALLS_ON";
     /// u64 syscall numbers of this architecture the syscalls group leaves to other groups.
@@ -333,15 +338,20 @@ pub mod thread_flag {
 }
 
 /// Per-thread accounting, keyed by tid in `THREADS`. Only threads of a target that have
-/// returned from an epoll wait at least once get an entry: threads that never wait there are
-/// not event loops and cost one failed lookup per event.
+/// called epoll_wait at least once get an entry: threads that never wait there are not event
+/// loops and cost one failed lookup per event.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadState {
     pub tgid: u32,
     pub flags: u32,
-    /// Start of the current iteration; 0 while waiting in epoll or before the first return.
+    /// Start of the current iteration; 0 while waiting in epoll, and until a program first
+    /// sees the thread running after the wait (see `resume_ns`).
     pub iter_start_ns: u64,
+    /// When the thread entered its last epoll wait, or was last put back on CPU inside it:
+    /// no program runs at the wait's return, so an iteration is found to have begun later,
+    /// and begun at this time.
+    pub resume_ns: u64,
     /// Current "other" syscall: number, start, and off-CPU time spent inside it so far.
     pub sys_nr: u64,
     pub sys_start_ns: u64,

@@ -9,14 +9,15 @@ use tracer_common::{ThreadState, hist_slot, stack_kind};
 
 use crate::{
     stacks,
-    state::{current_thread, current_tid, histograms, now},
+    state::{current_iteration, current_thread, current_tid, histograms, now},
 };
 
 #[uprobe]
 pub fn alloc_enter(_ctx: ProbeContext) -> u32 {
-    let Some(s) = current_thread() else { return 0 };
+    // User code runs only once epoll has returned: this may begin the iteration.
+    let Some(s) = current_iteration() else { return 0 };
     s.alloc_depth += 1;
-    if s.alloc_depth == 1 && s.iter_start_ns != 0 {
+    if s.alloc_depth == 1 {
         s.alloc_nested_at_entry_ns = nested_ns(s);
         s.alloc_start_ns = now();
     }

@@ -1,4 +1,10 @@
 //! Loop group: an iteration is the busy time from an epoll wait's return to the next wait.
+//!
+//! Only the wait's entry is probed: a syscall tracepoint costs ~50 ns of dispatch besides
+//! the program, paid by every process's epoll calls. The return is inferred: the first program
+//! that sees a loop thread running outside epoll_wait (registers say which syscall it is in)
+//! begins its iteration at the time it last got back on CPU (`resume`), and the next entry
+//! ends it. Where the registers cannot be read, `epoll_exit` begins iterations instead.
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
@@ -10,50 +16,66 @@ use tracer_common::{
     thread_flag::IN_EPOLL,
 };
 
-use crate::state::{
-    ITER_HIST, STALLS, THREADS, ZERO_HIST, count, current_thread, histograms, now, other_process, threshold_ns,
+use crate::{
+    state::{ITER_HIST, STALLS, THREADS, ZERO_HIST, count, global, histograms, now, other_process, thread, threshold_ns},
+    task,
 };
+
+#[unsafe(no_mangle)]
+static LAZY_BEGIN: u64 = 0;
+#[unsafe(no_mangle)]
+static EPOLL_SYSCALLS: [u64; 3] = [u64::MAX; 3];
 
 /// Attached to sys_enter_epoll_wait, _pwait and _pwait2: the iteration ends here.
 #[tracepoint]
 pub fn epoll_enter(_ctx: TracePointContext) -> u32 {
-    let Some(s) = current_thread() else { return 0 };
-    let start = s.iter_start_ns;
-    s.iter_start_ns = 0;
-    s.flags |= IN_EPOLL;
-    if start == 0 {
-        return 0;
-    }
-    let duration = now().saturating_sub(start);
-    let tid = bpf_get_current_pid_tgid() as u32;
-    record_histogram(tid, duration);
-    if duration >= threshold_ns() {
-        emit_stall(s, tid, start, duration);
-    }
-    0
-}
-
-/// Attached to sys_exit_epoll_wait, _pwait and _pwait2: the next iteration starts here.
-#[tracepoint]
-pub fn epoll_exit(_ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     if other_process(tgid) {
         return 0;
     }
     let now = now();
-    match current_thread() {
-        Some(s) if s.tgid == tgid => begin_iteration(s, now),
-        // The first return for this thread, or a recycled tid.
-        _ => track_thread(tgid, tid, now),
+    let Some(s) = thread(tid).filter(|s| s.tgid == tgid) else {
+        // The first wait of this thread, or a recycled tid.
+        track_thread(tgid, tid, now);
+        return 0;
+    };
+    let start = if s.iter_start_ns != 0 { s.iter_start_ns } else { s.resume_ns };
+    if start != 0 {
+        let duration = now.saturating_sub(start);
+        if !record_histogram(tid, duration) {
+            // A thread userspace found waiting at attach: its histogram starts here.
+            new_histogram(tgid, tid);
+            record_histogram(tid, duration);
+        }
+        if duration >= threshold_ns() {
+            emit_stall(s, tid, start, duration);
+        }
+    }
+    wait(s, now);
+    0
+}
+
+/// Attached to the epoll exits only where `LAZY_BEGIN` is off.
+#[tracepoint]
+pub fn epoll_exit(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    if other_process((id >> 32) as u32) {
+        return 0;
+    }
+    if let Some(s) = thread(id as u32) {
+        s.iter_start_ns = now();
+        s.flags &= !IN_EPOLL;
     }
     0
 }
 
+/// The thread enters a wait: the next iteration starts from nothing.
 #[inline(always)]
-fn begin_iteration(s: &mut ThreadState, now: u64) {
-    s.flags &= !IN_EPOLL;
-    s.iter_start_ns = now;
+fn wait(s: &mut ThreadState, now: u64) {
+    s.flags |= IN_EPOLL;
+    s.iter_start_ns = 0;
+    s.resume_ns = now;
     s.sys_start_ns = 0;
     s.purge_start_ns = 0;
     // epoll is never called from inside the allocator: a depth left over is a missed return.
@@ -63,11 +85,36 @@ fn begin_iteration(s: &mut ThreadState, now: u64) {
     s.parts = Components::default();
 }
 
+/// Whether a loop thread found outside an iteration has in fact left its epoll wait; if so,
+/// its iteration begins, at the time it last got back on CPU.
+#[inline(always)]
+pub fn resumed(s: &mut ThreadState) -> bool {
+    if global(&LAZY_BEGIN) == 0 || s.flags & IN_EPOLL == 0 || s.resume_ns == 0 {
+        return false;
+    }
+    if task::current_syscall().is_some_and(|nr| global(&EPOLL_SYSCALLS).contains(&nr)) {
+        return false;
+    }
+    s.iter_start_ns = s.resume_ns;
+    s.flags &= !IN_EPOLL;
+    true
+}
+
+/// sched_switch puts a loop thread back on CPU: if it is still in its wait, its iteration
+/// can start no earlier than now.
+#[inline(always)]
+pub fn on_cpu(s: &mut ThreadState, ts: u64) {
+    if s.iter_start_ns == 0 && s.flags & IN_EPOLL != 0 {
+        s.resume_ns = ts;
+    }
+}
+
 #[inline(never)]
 fn track_thread(tgid: u32, tid: u32, now: u64) {
     let state = ThreadState {
         tgid,
-        iter_start_ns: now,
+        flags: IN_EPOLL,
+        resume_ns: now,
         ..ThreadState::default()
     };
     if THREADS.insert(tid, state, 0).is_err() {
@@ -94,14 +141,15 @@ fn new_histogram(tgid: u32, tid: u32) {
 }
 
 #[inline(always)]
-fn record_histogram(tid: u32, duration: u64) {
-    let Some(h) = histograms(tid) else { return };
+fn record_histogram(tid: u32, duration: u64) -> bool {
+    let Some(h) = histograms(tid) else { return false };
     if let Some(c) = h.iter.get_mut(hist_slot(duration)) {
         *c += 1;
     }
     if duration > h.iter_max_ns {
         h.iter_max_ns = duration;
     }
+    true
 }
 
 #[inline(never)]

@@ -59,9 +59,12 @@ pub fn thread_waking(ctx: RawTracePointContext) -> u32 {
     let Some(p) = entry(task::tid(wakee)) else { return 0 };
     let id = bpf_get_current_pid_tgid();
     p.last_wakeup_ns = now();
-    p.waker_tid = id as u32;
-    p.waker_tgid = (id >> 32) as u32;
-    p.waker_comm = bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]);
+    // A thread is mostly woken by the same few: copy the name only when the waker changes.
+    if p.waker_tid != id as u32 || p.wakeups == 0 {
+        p.waker_tid = id as u32;
+        p.waker_tgid = (id >> 32) as u32;
+        p.waker_comm = bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]);
+    }
     p.wakeups += 1;
     0
 }

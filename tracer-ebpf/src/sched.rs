@@ -8,7 +8,7 @@ use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tracer_common::thread_flag::OFF_RUNNABLE;
 
 use crate::{
-    park, syscalls,
+    iteration, park, syscalls,
     state::{current_iteration, current_tgid, current_tid, now, other_process, thread},
     task::{self, Task},
 };
@@ -57,6 +57,7 @@ fn switch_out(sleeps: bool, ts: u64) {
 #[inline(always)]
 fn switch_in(tid: u32, ts: u64) {
     let Some(s) = thread(tid) else { return };
+    iteration::on_cpu(s, ts);
     if s.off_start_ns == 0 {
         return;
     }

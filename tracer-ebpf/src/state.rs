@@ -83,10 +83,12 @@ pub fn thread(tid: u32) -> Option<&'static mut ThreadState> {
     THREADS.get_ptr_mut(tid).map(|p| unsafe { &mut *p })
 }
 
-/// The calling thread's state while it is inside an iteration.
+/// The calling thread's state while it is inside an iteration (which may begin here: see
+/// `iteration::resumed`).
 #[inline(always)]
 pub fn current_iteration() -> Option<&'static mut ThreadState> {
-    current_thread().filter(|s| s.iter_start_ns != 0)
+    let s = current_thread()?;
+    (s.iter_start_ns != 0 || crate::iteration::resumed(s)).then_some(s)
 }
 
 #[inline(always)]

@@ -82,6 +82,7 @@ impl Session {
         let target = Target::open(opts.pid)?;
         let mut probes = Probes::load(&opts.probes, target.pid, opts.threshold_ns)?;
         probes.attach(&opts.probes, &target)?;
+        probes.seed_waiting_threads(target.pid)?;
         let ring = RingBuf::try_from(probes.ebpf.take_map(maps::STALLS).context("STALLS map")?)?;
         let net = if opts.probes.groups & group::NET != 0 { Some(start_net(&mut probes, &target, opts)?) } else { None };
         let stacks = if opts.probes.groups & group::STACKS != 0 { Some(start_stacks(&mut probes)?) } else { None };

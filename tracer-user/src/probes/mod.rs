@@ -12,7 +12,7 @@ use aya::{
     programs::{RawTracePoint, TracePoint, UProbe, uprobe::UProbeScope},
 };
 use tracer_common::{
-    CONN_SYSCALLS_LEN, SKIP_SYSCALLS_LEN, TargetStats, counter, globals, group, maps,
+    CONN_SYSCALLS_LEN, SKIP_SYSCALLS_LEN, TargetStats, ThreadState, counter, globals, group, maps, thread_flag,
 };
 
 use crate::target::Target;
@@ -32,7 +32,13 @@ pub struct Probes {
     /// What this kernel could not do and what stands in for it.
     pub notes: Vec<String>,
     net: NetGlobals,
+    /// Iterations begin where a program first sees the thread out of epoll_wait, so the
+    /// epoll exits need no program (false where pt_regs has no syscall number).
+    lazy_begin: bool,
 }
+
+/// bpf(2)'s BPF_NOEXIST map update flag.
+const BPF_NOEXIST: u64 = 1;
 
 /// Calls at least this long get a stack.
 const STACK_MIN_NS: u64 = 1_000_000;
@@ -147,6 +153,7 @@ impl Probes {
         let task = TaskGlobals::read(&net.types)?;
         let on = |g: u32| u64::from(config.groups & g != 0);
         let period = sample_period_ns(config.groups);
+        let lazy = u64::from(regs.sysnr != u64::MAX);
         let ebpf = EbpfLoader::new()
             .override_global(globals::TARGET_TGID, &pid, true)
             .override_global(globals::THRESHOLD_NS, &threshold_ns, true)
@@ -154,6 +161,8 @@ impl Probes {
             .override_global(globals::TASK_PID_OFF, &task.pid, true)
             .override_global(globals::TASK_STATE_OFF, &task.state, true)
             .override_global(globals::SYSCALLS_ON, &on(group::SYSCALLS), true)
+            .override_global(globals::LAZY_BEGIN, &lazy, true)
+            .override_global(globals::EPOLL_SYSCALLS, &syscall_set::<3>(&EPOLL_NRS), true)
             .override_global(globals::SKIP_SYSCALLS, &skip, true)
             .override_global(globals::CONN_SYSCALLS, &conn, true)
             .override_global(globals::ACCEPT_SYSCALLS, &accept, true)
@@ -177,7 +186,7 @@ impl Probes {
             .override_global(globals::PT_REGS_RET_OFF, &regs.ret, true)
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer")))
             .context("loading the eBPF object")?;
-        Ok(Self { ebpf, attached: Vec::new(), notes: Vec::new(), net })
+        Ok(Self { ebpf, attached: Vec::new(), notes: Vec::new(), net, lazy_begin: lazy != 0 })
     }
 
     pub fn attach(&mut self, config: &ProbeConfig, target: &Target) -> Result<()> {
@@ -287,9 +296,12 @@ impl Probes {
             bail!("this kernel has no syscalls:sys_enter_epoll_* tracepoints (CONFIG_FTRACE_SYSCALLS)");
         }
         let enters: Vec<String> = waits.iter().map(|w| format!("sys_enter_{w}")).collect();
-        let exits: Vec<String> = waits.iter().map(|w| format!("sys_exit_{w}")).collect();
         self.tracepoint("epoll_enter", "syscalls", &enters.iter().map(String::as_str).collect::<Vec<_>>())?;
-        self.tracepoint("epoll_exit", "syscalls", &exits.iter().map(String::as_str).collect::<Vec<_>>())?;
+        if !self.lazy_begin {
+            self.notes.push("pt_regs has no syscall number on this architecture: the epoll exits are probed too".into());
+            let exits: Vec<String> = waits.iter().map(|w| format!("sys_exit_{w}")).collect();
+            self.tracepoint("epoll_exit", "syscalls", &exits.iter().map(String::as_str).collect::<Vec<_>>())?;
+        }
         self.tracepoint("thread_exit", "sched", &["sched_process_exit"])
     }
 
@@ -331,6 +343,24 @@ impl Probes {
             p.attach(category, name)
                 .with_context(|| format!("attaching {prog} to {category}:{name}"))?;
             self.attached.push(format!("{category}:{name}"));
+        }
+        Ok(())
+    }
+
+    /// Threads already asleep in epoll_wait at attach would otherwise be first seen at their
+    /// next wait, a whole iteration late (no program runs at the wait's return): they get
+    /// their state now, from /proc/PID/task/TID/syscall.
+    pub fn seed_waiting_threads(&mut self, pid: u32) -> Result<()> {
+        if !self.lazy_begin {
+            return Ok(());
+        }
+        let mut threads: aya::maps::HashMap<_, u32, ThreadState> =
+            aya::maps::HashMap::try_from(self.ebpf.map_mut(maps::THREADS).context("THREADS map")?)?;
+        let now = crate::report::clock_ns(libc::CLOCK_MONOTONIC);
+        for tid in waiting_in_epoll(pid) {
+            let state = ThreadState { tgid: pid, flags: thread_flag::IN_EPOLL, resume_ns: now, ..Default::default() };
+            // NOEXIST: a thread that reached epoll_wait meanwhile keeps the kernel's entry.
+            let _ = threads.insert(tid, state, BPF_NOEXIST);
         }
         Ok(())
     }
@@ -389,6 +419,21 @@ const CONN: [(&str, i64, bool); 11] = [
     ("epoll_ctl", libc::SYS_epoll_ctl, false),
 ];
 const ACCEPT_NRS: [i64; 2] = [libc::SYS_accept, libc::SYS_accept4];
+#[cfg(target_arch = "x86_64")]
+const EPOLL_NRS: [i64; 3] = [libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
+#[cfg(not(target_arch = "x86_64"))]
+const EPOLL_NRS: [i64; 2] = [libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
+
+/// Threads of `pid` blocked in an epoll wait right now.
+fn waiting_in_epoll(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|tid| {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).unwrap_or_default();
+            text.split_whitespace().next().and_then(|nr| nr.parse::<i64>().ok()).is_some_and(|nr| EPOLL_NRS.contains(&nr))
+        })
+        .collect()
+}
 
 fn syscall_set<const N: usize>(nrs: &[i64]) -> [u64; N] {
     let mut set = [u64::MAX; N];
@@ -404,10 +449,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::
 
 /// Syscalls that attached groups account for, which the syscalls group must not count twice.
 fn skip_syscalls(groups: u32) -> [u64; SKIP_SYSCALLS_LEN] {
-    #[cfg(target_arch = "x86_64")]
-    let mut nrs = vec![libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
-    #[cfg(not(target_arch = "x86_64"))]
-    let mut nrs = vec![libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
+    let mut nrs = EPOLL_NRS.to_vec();
     if groups & group::PURGE != 0 {
         nrs.extend([libc::SYS_madvise, libc::SYS_munmap, libc::SYS_mremap]);
     }
