@@ -30,6 +30,9 @@ struct Results {
     samples: Samples,
     load: LoadFootprint,
     raw: Vec<String>,
+    /// Per stalltrace variant, summed over its sessions: stall records, stall records lost,
+    /// stack records, stack records lost.
+    records: BTreeMap<String, [u64; 4]>,
 }
 
 pub fn measure(ctx: &Ctx, redis: &Redis, ns: &[u64]) -> Result<(Section, LoadFootprint)> {
@@ -54,12 +57,34 @@ pub fn measure(ctx: &Ctx, redis: &Redis, ns: &[u64]) -> Result<(Section, LoadFoo
             if let Some(t) = tracer {
                 tracers::stop(t)?;
             }
+            if let Some(summary) = v.summary(redis.pid()) {
+                results.count_records(v, &summary);
+            }
         }
     }
-    Ok((section(ctx, ns, &results.samples, results.raw), results.load))
+    let mut section = section(ctx, ns, &results.samples, results.raw);
+    section.tables.push(records_table(&results.records));
+    Ok((section, results.load))
+}
+
+/// Whether stalltrace kept up with the load: records sent and lost, from its summaries.
+fn records_table(records: &BTreeMap<String, [u64; 4]>) -> Table {
+    let mut table = Table::new(&["variant (all rounds)", "stall records", "stall records lost", "stack records", "stack records lost"]);
+    for (label, counts) in records {
+        table.row(std::iter::once(label.clone()).chain(counts.iter().map(|c| report::int(*c as f64))).collect());
+    }
+    table
 }
 
 impl Results {
+    fn count_records(&mut self, v: Variant, summary: &serde_json::Value) {
+        let n = |k: &str| summary[k].as_u64().unwrap_or(0);
+        let sums = self.records.entry(v.label()).or_default();
+        for (sum, k) in sums.iter_mut().zip(["stalls", "lost", "stacks", "lost_stacks"]) {
+            *sum += n(k);
+        }
+    }
+
     fn record(&mut self, round: usize, v: Variant, wi: usize, n: u64, quiet: Quiet<(redis::BenchRun, Option<(f64, u64)>)>) {
         let note = quiet.note();
         let (run, foot) = quiet.value;
@@ -109,7 +134,7 @@ fn section(ctx: &Ctx, ns: &[u64], samples: &Samples, raw: Vec<String>) -> Sectio
     }
     let mut commands = vec![redis::Redis::command_line()];
     commands.extend(WORKLOADS.iter().zip(ns).map(|(w, &n)| w.command_line(n)));
-    commands.push("stalltrace -p PID > /dev/null   # and with --probes all".into());
+    commands.push("stalltrace -p PID --json > out.jsonl   # and with --probes all".into());
     commands.push("bpftrace script.bt   # the script above".into());
     Section {
         title: "Redis throughput under tracing".into(),
@@ -121,7 +146,12 @@ fn section(ctx: &Ctx, ns: &[u64], samples: &Samples, raw: Vec<String>) -> Sectio
              the four invocations and detaches after. Cells are medians over the rounds; ratio \
              is against untraced. The bpftrace variant runs the script below: madvise and epoll_wait \
              durations, the realloc uprobe pair and off-CPU time, like parts of stalltrace's purge, \
-             loop, alloc and sched groups (stalltrace's syscalls group probes no syscall: it samples):\n\n\
+             loop, alloc and sched groups (stalltrace's syscalls group probes no syscall: it samples). \
+             The second table sums the stalltrace variants' summaries over their sessions: stall \
+             and stack records sent, and lost for want of ring-buffer space. That the default \
+             groups still name an allocator purge `allocator_purge` on this redis-server is the \
+             integration test `idle_query_buffers_shrunk_by_clients_cron_are_an_allocator_purge` \
+             (tests/tests/redis.rs), run by `cargo xtask test` with the same defaults:\n\n\
              ```\n{}```",
             redis::SERVER_CPU,
             redis::CLIENT_CPU,

@@ -42,14 +42,30 @@ impl Variant {
         match self {
             Variant::Untraced => Ok(None),
             Variant::Stalltrace(groups) => {
-                // stdout to /dev/null: its report is not what is measured.
+                // JSON to a file: its summary says whether any record was lost under the load.
+                let out = std::fs::File::create(json_path(pid, groups)).context("stalltrace's output file")?;
                 let mut cmd = Command::new(stalltrace);
-                cmd.args(["-p", &pid.to_string(), "--probes", groups]).stdout(Stdio::null());
+                cmd.args(["-p", &pid.to_string(), "--probes", groups, "--json"]).stdout(out);
                 start_stalltrace(cmd).map(Some)
             }
             Variant::Bpftrace => start_bpftrace(pid).map(Some),
             Variant::Daemon => start_daemon(stalltrace, pid).map(Some),
         }
+    }
+}
+
+fn json_path(pid: u32, groups: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("stalltrace-bench-{pid}-{groups}.jsonl"))
+}
+
+impl Variant {
+    /// The summary record of this stalltrace variant's last session on `pid`, once stopped.
+    pub fn summary(self, pid: u32) -> Option<serde_json::Value> {
+        let Variant::Stalltrace(groups) = self else { return None };
+        let path = json_path(pid, groups);
+        let text = std::fs::read_to_string(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        text.lines().rev().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| v["type"] == "summary")
     }
 }
 
