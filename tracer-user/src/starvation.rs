@@ -142,6 +142,11 @@ impl StarvationMonitor {
     pub fn poll(&mut self) -> Option<Starvation> {
         let now = clock_ns(libc::CLOCK_MONOTONIC);
         let threads = self.threads(now);
+        // The socket walk is most of a poll's cost, and nothing reads it unless a group could
+        // starve or a starvation is open (its end record carries the work).
+        if self.active.is_none() && !self.could_starve(&threads) {
+            return None;
+        }
         let work = self.work(now);
         let starved: Vec<Group> = if work_waiting(&work) { self.starved_groups(&threads, now) } else { Vec::new() };
         self.transition(starved, work, now)
@@ -211,6 +216,18 @@ impl StarvationMonitor {
         let blocked = if asleep { parked::blocked(self.pid, tid) } else { None };
         let wait = blocked.map_or_else(|| "unknown".to_string(), |b| wait_name(&b));
         Some(ThreadNow { tid, comm, asleep, wait, blocked, since_ns, park })
+    }
+
+    /// Whether some group has enough threads asleep to be starved now or within the threshold.
+    /// A thread parked that long by then has been asleep at every poll in between, so this
+    /// holds at each of them and `unread` keeps every entry the growth test will look at.
+    fn could_starve(&self, threads: &[ThreadNow]) -> bool {
+        let need = self.config.share * self.config.min_threads as f64;
+        let mut asleep: HashMap<String, usize> = HashMap::new();
+        for t in threads.iter().filter(|t| t.asleep) {
+            *asleep.entry(fold_name(&t.comm)).or_default() += 1;
+        }
+        need <= 0.0 || asleep.values().any(|&n| n as f64 >= need)
     }
 
     fn work(&mut self, now: u64) -> Work {

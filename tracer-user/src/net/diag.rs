@@ -5,6 +5,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::atomic::{AtomicU32, Ordering},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -17,6 +18,7 @@ const INET_DIAG_SKMEMINFO: u16 = 7;
 const SK_MEMINFO_DROPS: usize = 8;
 const NLMSG_HDR: usize = 16;
 const DIAG_MSG: usize = 72;
+const SOCKID: usize = 48;
 
 /// One socket as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +37,8 @@ pub struct ListenSocket {
 /// A NETLINK_SOCK_DIAG socket bound to the network namespace of `pid`.
 pub struct Diag {
     fd: OwnedFd,
+    /// Each request's sequence number: a reply left over from an earlier request is skipped.
+    seq: AtomicU32,
 }
 
 impl Diag {
@@ -59,7 +63,7 @@ impl Diag {
             .expect("netns thread")
         })
         .context("sock_diag socket in the target's netns")?;
-        Ok(Self { fd })
+        Ok(Self { fd, seq: AtomicU32::new(0) })
     }
 
     /// Every TCP listening socket in the namespace, IPv4 and IPv6.
@@ -72,6 +76,29 @@ impl Diag {
         self.dump_both(!(1 << TCP_LISTEN) & 0xfff)
     }
 
+    /// The TCP listening sockets of one family (`libc::AF_INET` or `libc::AF_INET6`).
+    pub fn listeners_in(&self, family: i32) -> Result<Vec<ListenSocket>> {
+        self.dump(family as u8, 1 << TCP_LISTEN)
+    }
+
+    /// `known` looked up by its address and port alone, without walking the listening hash
+    /// as a dump does: `None` once it is gone (closed, or another socket holds its address).
+    pub fn listener(&self, known: &ListenSocket) -> Result<Option<ListenSocket>> {
+        let family = if known.addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        let seq = self.send(libc::NLM_F_REQUEST, family as u8, 1 << TCP_LISTEN, &sockid(known.addr, known.port))?;
+        // The answer is one datagram of a few hundred bytes: the socket, or an error. Reading
+        // exactly one never blocks on an answer that will not come.
+        let mut buf = [0u8; 8192];
+        let mut out = Vec::new();
+        let end = parse_messages(self.recv(&mut buf)?, seq, &mut out)?;
+        match (out.pop(), end) {
+            (Some(s), _) => Ok(Some(s).filter(|s| s.inode == known.inode)),
+            (None, End::Error(0 | libc::ENOENT)) => Ok(None),
+            (None, End::Error(e)) => bail!("sock_diag lookup: error {e}"),
+            (None, End::Done | End::More) => bail!("sock_diag lookup: no answer"),
+        }
+    }
+
     fn dump_both(&self, states: u32) -> Result<Vec<ListenSocket>> {
         let mut out = self.dump(libc::AF_INET as u8, states)?;
         out.extend(self.dump(libc::AF_INET6 as u8, states)?);
@@ -79,60 +106,94 @@ impl Diag {
     }
 
     fn dump(&self, family: u8, states: u32) -> Result<Vec<ListenSocket>> {
-        let req = request(family, states);
-        if unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-            bail!("sock_diag send: {}", io::Error::last_os_error());
-        }
+        let seq = self.send(libc::NLM_F_REQUEST | libc::NLM_F_DUMP, family, states, &[0; SOCKID])?;
         let mut out = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                bail!("sock_diag recv: {}", io::Error::last_os_error());
-            }
-            if parse_messages(&buf[..n as usize], &mut out)? {
-                return Ok(out);
+            match parse_messages(self.recv(&mut buf)?, seq, &mut out)? {
+                End::More => {}
+                End::Done => return Ok(out),
+                End::Error(e) => bail!("sock_diag: error {e}"),
             }
         }
     }
+
+    /// Sends one request; returns its sequence number.
+    fn send(&self, flags: i32, family: u8, states: u32, id: &[u8; SOCKID]) -> Result<u32> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let req = request(flags, seq, family, states, id);
+        if unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+            bail!("sock_diag send: {}", io::Error::last_os_error());
+        }
+        Ok(seq)
+    }
+
+    fn recv<'a>(&self, buf: &'a mut [u8]) -> Result<&'a [u8]> {
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            bail!("sock_diag recv: {}", io::Error::last_os_error());
+        }
+        Ok(&buf[..n as usize])
+    }
 }
 
-fn request(family: u8, states: u32) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(NLMSG_HDR + 56);
-    let len = (NLMSG_HDR + 56) as u32;
+fn request(flags: i32, seq: u32, family: u8, states: u32, id: &[u8; SOCKID]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(NLMSG_HDR + 8 + SOCKID);
+    let len = (NLMSG_HDR + 8 + SOCKID) as u32;
     msg.extend_from_slice(&len.to_ne_bytes());
     msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&(flags as u16).to_ne_bytes());
+    msg.extend_from_slice(&seq.to_ne_bytes());
     msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    // inet_diag_req_v2: family, protocol, extensions wanted, pad, states, then a zero sockid.
+    // inet_diag_req_v2: family, protocol, extensions wanted, pad, states, then the sockid.
     msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 1 << (INET_DIAG_SKMEMINFO - 1), 0]);
     msg.extend_from_slice(&states.to_ne_bytes());
-    msg.extend_from_slice(&[0u8; 48]);
+    msg.extend_from_slice(id);
     msg
 }
 
-/// Appends the sockets in one datagram; true when the dump is complete.
-fn parse_messages(mut data: &[u8], out: &mut Vec<ListenSocket>) -> Result<bool> {
+/// inet_diag_sockid of a listener: sport, dport, src, dst, if, cookie. The remote end stays
+/// zero, so the kernel's lookup falls through its established table to the listeners.
+fn sockid(addr: IpAddr, port: u16) -> [u8; SOCKID] {
+    let mut id = [0u8; SOCKID];
+    id[..2].copy_from_slice(&port.to_be_bytes());
+    match addr {
+        IpAddr::V4(a) => id[4..8].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => id[4..20].copy_from_slice(&a.octets()),
+    }
+    // INET_DIAG_NOCOOKIE: the socket is matched by address; the caller checks its inode.
+    id[40..].fill(0xff);
+    id
+}
+
+/// How a datagram ended.
+enum End {
+    /// More datagrams to come.
+    More,
+    Done,
+    /// NLMSG_ERROR with its errno; 0 is an ACK.
+    Error(i32),
+}
+
+/// Appends the sockets in one datagram that answer request `seq`.
+fn parse_messages(mut data: &[u8], seq: u32, out: &mut Vec<ListenSocket>) -> Result<End> {
     while data.len() >= NLMSG_HDR {
         let len = u32_at(data, 0) as usize;
         let kind = u16::from_ne_bytes([data[4], data[5]]);
         if len < NLMSG_HDR || len > data.len() {
             bail!("sock_diag: truncated message");
         }
-        match kind {
-            NLMSG_DONE => return Ok(true),
-            NLMSG_ERROR => bail!("sock_diag: error {}", -(u32_at(data, NLMSG_HDR) as i32)),
-            SOCK_DIAG_BY_FAMILY => {
-                if let Some(s) = parse_socket(&data[NLMSG_HDR..len]) {
-                    out.push(s);
-                }
+        if u32_at(data, 8) == seq {
+            match kind {
+                NLMSG_DONE => return Ok(End::Done),
+                NLMSG_ERROR if len >= NLMSG_HDR + 4 => return Ok(End::Error(-(u32_at(data, NLMSG_HDR) as i32))),
+                SOCK_DIAG_BY_FAMILY => out.extend(parse_socket(&data[NLMSG_HDR..len])),
+                _ => {}
             }
-            _ => {}
         }
         data = &data[align4(len).min(data.len())..];
     }
-    Ok(false)
+    Ok(End::More)
 }
 
 fn parse_socket(msg: &[u8]) -> Option<ListenSocket> {
@@ -182,7 +243,7 @@ fn align4(n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use std::{net::TcpListener, os::fd::AsRawFd as _};
+    use std::{net::TcpListener, os::fd::AsRawFd};
 
     use super::*;
 
@@ -199,5 +260,31 @@ mod tests {
         assert_eq!(me.queue, 1);
         assert_eq!(me.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert!(me.inode > 0);
+    }
+
+    fn inode(fd: &impl AsRawFd) -> u64 {
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+        st.st_ino
+    }
+
+    #[test]
+    fn looks_up_one_listener_and_sees_it_gone() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 7) }, 0);
+        let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let diag = Diag::open(std::process::id()).unwrap();
+        let addr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let known = ListenSocket { inode: inode(&l), addr, port, queue: 0, backlog: 0, drops: 0 };
+        let me = diag.listener(&known).unwrap().expect("our listener");
+        assert_eq!((me.inode, me.addr, me.port, me.backlog, me.queue), (known.inode, addr, port, 7, 1));
+        drop(l);
+        assert_eq!(diag.listener(&known).unwrap(), None);
+        // A new socket on the same address is not the listener we knew.
+        let again = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        assert_eq!(diag.listener(&known).unwrap(), None);
+        let now = ListenSocket { inode: inode(&again), ..known };
+        assert_eq!(diag.listener(&now).unwrap().map(|s| s.inode), Some(now.inode));
     }
 }

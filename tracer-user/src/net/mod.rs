@@ -26,7 +26,9 @@ use crate::report::clock_ns;
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 /// Samples kept: two minutes, enough for any stall's window and the live view.
 const KEEP_SAMPLES: usize = 12_000;
-/// How often the target's socket inodes are re-read: listeners opened later are picked up.
+/// How often (in samples) the target's socket inodes are re-read and its listeners found by
+/// a full dump: listeners opened later are picked up. Between rescans each known listener is
+/// looked up on its own, which does not walk the kernel's whole listening table.
 const RESCAN_EVERY: u32 = 100;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -108,6 +110,7 @@ struct Shared {
 
 /// Handle to the sampler thread.
 pub struct NetMonitor {
+    pid: u32,
     shared: Arc<Mutex<Shared>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -125,15 +128,26 @@ impl NetMonitor {
         let diag = diag::Diag::open(pid)?;
         let shared = Arc::new(Mutex::new(Shared::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let mut sampler = Sampler { pid, diag, listeners, stats, inodes: HashSet::new(), watched: HashSet::new() };
+        let mut sampler = Sampler {
+            pid,
+            diag,
+            listeners,
+            stats,
+            inodes: HashSet::new(),
+            watched: HashSet::new(),
+            known: Vec::new(),
+            has_v6: false,
+            dump_always: false,
+            netns_overflows: 0,
+        };
         // The first sample is taken before returning: it is every window's starting point.
-        let first = sampler.sample()?;
+        let first = sampler.sample(true)?;
         shared.lock().expect("net state").samples.push_back(first.clone());
         let thread = {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
             thread::Builder::new().name("net-sampler".into()).spawn(move || sampler.run(&shared, &stop))?
         };
-        Ok(Self { shared, stop, thread: Some(thread), counts_syns, baseline: Some(first) })
+        Ok(Self { pid, shared, stop, thread: Some(thread), counts_syns, baseline: Some(first) })
     }
 
     /// The newest sample's time.
@@ -161,6 +175,9 @@ impl NetMonitor {
 
     /// Per-listener totals since attach, and the namespace's ListenOverflows delta.
     pub fn totals(&self) -> (Vec<(ListenerSample, NetDelta)>, u64) {
+        // Samples carry the namespace counter from the last rescan, up to a second old: the
+        // cross-check against the listeners' drops wants it as of now.
+        let overflows_now = netns_listen_overflows(self.pid);
         let s = self.shared.lock().expect("net state");
         let (Some(first), Some(last)) = (self.baseline.as_ref(), s.samples.back()) else { return (Vec::new(), 0) };
         let per = last
@@ -175,7 +192,8 @@ impl NetMonitor {
                 (l.clone(), d)
             })
             .collect();
-        (per, last.netns_overflows.saturating_sub(first.netns_overflows))
+        let overflows = overflows_now.unwrap_or(last.netns_overflows);
+        (per, overflows.saturating_sub(first.netns_overflows))
     }
 }
 
@@ -239,6 +257,14 @@ struct Sampler {
     stats: PerCpuHashMap<MapData, u32, TargetStats>,
     inodes: HashSet<u64>,
     watched: HashSet<u16>,
+    /// The target's listeners as the last full dump found them.
+    known: Vec<diag::ListenSocket>,
+    has_v6: bool,
+    /// Exact lookups cannot be trusted (a SO_REUSEPORT group, or listeners they miss): a full
+    /// dump every sample.
+    dump_always: bool,
+    /// TcpExtListenOverflows as of the last rescan.
+    netns_overflows: u64,
 }
 
 impl Sampler {
@@ -247,12 +273,9 @@ impl Sampler {
         while !stop.load(Ordering::Relaxed) {
             thread::sleep(SAMPLE_EVERY);
             tick = tick.wrapping_add(1);
-            if tick % RESCAN_EVERY == 0 {
-                self.inodes.clear();
-            }
             // A failed sample means the target or its namespace is gone; the session notices
             // that and ends, so the gap is not worth a report of its own.
-            if let Ok(sample) = self.sample() {
+            if let Ok(sample) = self.sample(tick.is_multiple_of(RESCAN_EVERY)) {
                 let mut s = shared.lock().expect("net state");
                 if s.samples.len() == KEEP_SAMPLES {
                     s.samples.pop_front();
@@ -262,13 +285,24 @@ impl Sampler {
         }
     }
 
-    fn sample(&mut self) -> Result<Sample> {
-        if self.inodes.is_empty() {
+    fn sample(&mut self, rescan: bool) -> Result<Sample> {
+        if rescan {
+            // Only the end-of-run cross-check uses it, and totals() reads it afresh.
+            self.netns_overflows = netns_listen_overflows(self.pid).unwrap_or(self.netns_overflows);
+        }
+        // Until the target has a socket its fds are read every sample, so that its first
+        // listener shows at once.
+        let full = rescan || self.inodes.is_empty();
+        if full {
             self.inodes = socket_inodes(self.pid);
         }
         let t_ns = clock_ns(libc::CLOCK_MONOTONIC);
-        let mut listeners = Vec::new();
-        let ours: Vec<_> = self.diag.listeners()?.into_iter().filter(|s| self.inodes.contains(&s.inode)).collect();
+        let ours = match (self.inodes.is_empty(), full) {
+            (true, _) => Vec::new(),
+            (false, true) => self.dump_ours(true)?,
+            (false, false) => self.look_up_ours()?,
+        };
+        let mut listeners = Vec::with_capacity(ours.len());
         for s in ours {
             self.watch(s.port)?;
             let counters = self.port_counters(s.port);
@@ -281,7 +315,50 @@ impl Sampler {
             });
         }
         let accepts = self.stats.get(&self.pid, 0).map(|v| v.iter().map(|s| s.accepts).sum()).unwrap_or(0);
-        Ok(Sample { t_ns, listeners, accepts, netns_overflows: netns_listen_overflows(self.pid) })
+        Ok(Sample { t_ns, listeners, accepts, netns_overflows: self.netns_overflows })
+    }
+
+    /// The target's listeners from a full dump. Between rescans the IPv6 table is skipped
+    /// when the target had no IPv6 listener.
+    fn dump_ours(&mut self, all_families: bool) -> Result<Vec<diag::ListenSocket>> {
+        let mut found = self.diag.listeners_in(libc::AF_INET)?;
+        if all_families || self.has_v6 {
+            found.extend(self.diag.listeners_in(libc::AF_INET6)?);
+        }
+        found.retain(|s| self.inodes.contains(&s.inode));
+        self.has_v6 = found.iter().any(|s| s.addr.is_ipv6());
+        // Once exact lookups cannot be trusted they stay off until a rescan tries them again.
+        self.dump_always = (self.dump_always && !all_families) || shares_address(&found);
+        self.known.clone_from(&found);
+        Ok(found)
+    }
+
+    /// Each known listener looked up on its own; a full dump instead when one is gone.
+    fn look_up_ours(&mut self) -> Result<Vec<diag::ListenSocket>> {
+        if self.dump_always {
+            return self.dump_ours(false);
+        }
+        let mut found = Vec::with_capacity(self.known.len());
+        for known in &self.known {
+            match self.diag.listener(known) {
+                Ok(Some(s)) => found.push(s),
+                _ => return self.redump(),
+            }
+        }
+        Ok(found)
+    }
+
+    /// A lookup missed: the listener closed, or the kernel's lookup does not find it (an
+    /// address only a dump matches). In the second case the dump shows the same listeners,
+    /// and dumps continue until the next rescan rather than each sample paying for both.
+    fn redump(&mut self) -> Result<Vec<diag::ListenSocket>> {
+        let mut before: Vec<u64> = self.known.iter().map(|s| s.inode).collect();
+        let found = self.dump_ours(false)?;
+        let mut after: Vec<u64> = found.iter().map(|s| s.inode).collect();
+        before.sort_unstable();
+        after.sort_unstable();
+        self.dump_always |= before == after;
+        Ok(found)
     }
 
     fn watch(&mut self, port: u16) -> Result<()> {
@@ -306,6 +383,13 @@ impl Sampler {
     }
 }
 
+/// Whether two listeners share family, address and port (a SO_REUSEPORT group): an exact
+/// lookup only ever finds one socket of such a group.
+fn shares_address(listeners: &[diag::ListenSocket]) -> bool {
+    let mut seen = HashSet::new();
+    !listeners.iter().all(|s| seen.insert((s.addr, s.port)))
+}
+
 /// Inodes of the target's sockets, from /proc/PID/fd links such as `socket:[12345]`.
 pub fn socket_inodes(pid: u32) -> HashSet<u64> {
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return HashSet::new() };
@@ -315,11 +399,9 @@ pub fn socket_inodes(pid: u32) -> HashSet<u64> {
 }
 
 /// TcpExtListenOverflows of the namespace the target lives in (/proc/PID/net is its view).
-pub fn netns_listen_overflows(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/net/netstat"))
-        .ok()
-        .and_then(|text| netstat_value(&text, "TcpExt:", "ListenOverflows"))
-        .unwrap_or(0)
+pub fn netns_listen_overflows(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/net/netstat")).ok()?;
+    netstat_value(&text, "TcpExt:", "ListenOverflows")
 }
 
 fn netstat_value(text: &str, prefix: &str, name: &str) -> Option<u64> {
@@ -338,6 +420,20 @@ mod tests {
         let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 17 19\nIpExt: InNoRoutes\nIpExt: 0\n";
         assert_eq!(netstat_value(text, "TcpExt:", "ListenOverflows"), Some(17));
         assert_eq!(netstat_value(text, "TcpExt:", "Nope"), None);
+    }
+
+    #[test]
+    fn reuseport_groups_share_an_address() {
+        let at = |inode, port| diag::ListenSocket {
+            inode,
+            addr: IpAddr::from([127, 0, 0, 1]),
+            port,
+            queue: 0,
+            backlog: 8,
+            drops: 0,
+        };
+        assert!(!shares_address(&[at(1, 80), at(2, 81)]));
+        assert!(shares_address(&[at(1, 80), at(2, 81), at(3, 80)]));
     }
 
     fn sample(t_ns: u64, drops: u64, established: u64) -> Sample {
