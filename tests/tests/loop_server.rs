@@ -107,11 +107,11 @@ fn on_cpu_syscall_time_is_sampled_and_named() {
     thread::sleep(Duration::from_millis(200));
     let records = tracer.stop().unwrap();
     let stall = only_stall(&records, "syscall");
-    // 1 ms samples of 200 ms mostly in read(2): the user-space share of the loop is small,
+    // 10 ms samples of 200 ms mostly in read(2): the user-space share of the loop is small,
     // and a busy machine may take a few ticks away as runnable time.
     let sys = ms(&stall["syscalls"]["ns"]);
     assert!((140.0..=230.0).contains(&sys), "{stall}");
-    assert!(stall["syscalls"]["samples"].as_u64().unwrap() >= 140, "{stall}");
+    assert!(stall["syscalls"]["samples"].as_u64().unwrap() >= 14, "{stall}");
     assert_eq!(stall["syscalls"]["top"].as_str(), Some("read"), "{stall}");
     assert_eq!(stalls(&records).len(), 1, "{records:#?}");
 }

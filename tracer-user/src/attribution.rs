@@ -57,7 +57,7 @@ pub struct OffCpu {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Syscalls {
-    /// Sampler ticks (one per ms) that found the thread on CPU in one of them: no probe
+    /// Sampler ticks (one per 10 ms) that found the thread on CPU in one of them: no probe
     /// counts calls, so a count of calls is not known.
     pub samples: u64,
     pub ns: u64,

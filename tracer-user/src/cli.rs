@@ -115,8 +115,8 @@ pub struct DemoServerArgs {
     pub name: String,
 }
 
-/// Default groups: all but syscalls (a 1 kHz sampler on every CPU instead of 100 Hz) and alloc
-/// (a uprobe on every realloc, ~0.9 us a call: BENCHMARKS.md).
+/// Default groups: all but syscalls (its samples are coarse: 10 ms) and alloc (a uprobe on
+/// every realloc, ~0.9 us a call: BENCHMARKS.md).
 pub const DEFAULT_GROUPS: u32 = group::LOOP | group::PURGE | group::SCHED | group::NET | group::STACKS | group::PARK;
 pub const ALL_GROUPS: u32 = DEFAULT_GROUPS | group::SYSCALLS | group::ALLOC;
 

@@ -36,6 +36,9 @@ use crate::{
 
 const TICK: Duration = Duration::from_millis(50);
 const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// Metrics are refreshed once a second: a refresh walks every target's kernel maps, and a
+/// scraper reads at most that often.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 pub fn run(config_path: &Path) -> Result<()> {
     crate::target::check_btf()?;
@@ -58,6 +61,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     ));
     let mut daemon = Daemon { live: Vec::new(), totals: BTreeMap::new(), flame_due: Instant::now() };
     let mut next_scan = Instant::now();
+    let mut next_publish = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         if reload.swap(false, Ordering::Relaxed) {
             config = reload_config(config_path, config, &mut daemon);
@@ -67,7 +71,10 @@ pub fn run(config_path: &Path) -> Result<()> {
             next_scan = Instant::now() + SCAN_EVERY;
         }
         daemon.pump(&mut journal)?;
-        daemon.publish(&metrics, &journal);
+        if Instant::now() >= next_publish {
+            daemon.publish(&metrics, &journal);
+            next_publish = Instant::now() + PUBLISH_EVERY;
+        }
         daemon.flames(&config)?;
         thread::sleep(TICK);
     }

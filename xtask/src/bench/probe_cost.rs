@@ -23,7 +23,7 @@ const CASES: [(&str, &str, &str); 5] = [
     // No program runs on getppid here: what is left is the kernel's slower syscall path,
     // switched on for every task while any syscall tracepoint is attached.
     ("getppid", "loop", "`getppid` with no probe on it (syscall slow path only)"),
-    // The syscalls group probes no syscall: this is the 1 kHz sampler's share per call.
+    // The syscalls group probes no syscall: this is what remains of it per call.
     ("getppid", "loop,syscalls", "`getppid` with the syscalls group (sampled, no probe per call)"),
     ("madvise", "loop,purge", "`madvise(MADV_NORMAL)` on one page (purge tracepoints)"),
     ("realloc", "loop,alloc", "libc `realloc` 64 <-> 128 bytes (uprobe + uretprobe)"),
