@@ -77,22 +77,18 @@ fn wait(s: &mut ThreadState, now: u64) {
     s.flags |= IN_EPOLL;
     s.iter_start_ns = 0;
     s.resume_ns = now;
-    // Programs write to the state only inside a begun iteration, so an iteration no program
-    // saw left it clean: most of a busy server's, and the state is a few cold cache lines.
-    if begun {
-        reset(s);
-    }
-}
-
-#[inline(always)]
-fn reset(s: &mut ThreadState) {
+    // No call is in flight across an epoll wait: a marker left over is a missed exit (a
+    // program the kernel skipped), and would silence the next iteration's accounting.
     s.sys_start_ns = 0;
     s.purge_start_ns = 0;
-    // epoll is never called from inside the allocator: a depth left over is a missed return.
     s.alloc_depth = 0;
     s.alloc_start_ns = 0;
     s.off_start_ns = 0;
-    s.parts = Components::default();
+    // Programs add to the components only inside a begun iteration, so an iteration no
+    // program saw left them clean: most of a busy server's, and they span cold cache lines.
+    if begun {
+        s.parts = Components::default();
+    }
 }
 
 /// Whether a loop thread found outside an iteration has in fact left its epoll wait; if so,
