@@ -252,7 +252,7 @@ pub struct StallEvent {
 /// Per-listening-port counters, keyed by local port in the per-CPU `LISTENERS` map (userspace
 /// inserts the target's ports; the kernel only counts). Monotonic: userspace takes deltas.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListenerCounters {
     /// Passive opens that completed (SYN_RECV -> ESTABLISHED).
     pub established: u64,

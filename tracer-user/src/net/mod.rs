@@ -24,12 +24,16 @@ use tracer_common::{ListenerCounters, TargetStats};
 use crate::report::clock_ns;
 
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(10);
-/// Samples kept: two minutes, enough for any stall's window and the live view.
+/// Samples kept: at least two minutes, enough for any stall's window and the live view.
 const KEEP_SAMPLES: usize = 12_000;
-/// How often (in samples) the target's socket inodes are re-read and its listeners found by
-/// a full dump: listeners opened later are picked up. Between rescans each known listener is
-/// looked up on its own, which does not walk the kernel's whole listening table.
-const RESCAN_EVERY: u32 = 100;
+/// While nothing moves on the target's listeners (empty accept queues, no counter changing)
+/// a sample every 50 ms instead: the counters are cumulative, so a window's deltas stay
+/// exact, and the sampler's wakeups were most of stalltrace's CPU on an idle or steady server.
+const QUIET_EVERY: Duration = Duration::from_millis(50);
+/// How often the target's socket inodes are re-read and its listeners found by a full dump:
+/// listeners opened later are picked up. Between rescans each known listener is looked up on
+/// its own, which does not walk the kernel's whole listening table.
+const RESCAN_NS: u64 = 1_000_000_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ListenerKey {
@@ -269,14 +273,19 @@ struct Sampler {
 
 impl Sampler {
     fn run(mut self, shared: &Mutex<Shared>, stop: &AtomicBool) {
-        let mut tick = 0u32;
+        let mut last_rescan = clock_ns(libc::CLOCK_MONOTONIC);
+        let mut quiet = false;
         while !stop.load(Ordering::Relaxed) {
-            thread::sleep(SAMPLE_EVERY);
-            tick = tick.wrapping_add(1);
+            thread::sleep(if quiet { QUIET_EVERY } else { SAMPLE_EVERY });
+            let rescan = clock_ns(libc::CLOCK_MONOTONIC).saturating_sub(last_rescan) >= RESCAN_NS;
+            if rescan {
+                last_rescan = clock_ns(libc::CLOCK_MONOTONIC);
+            }
             // A failed sample means the target or its namespace is gone; the session notices
             // that and ends, so the gap is not worth a report of its own.
-            if let Ok(sample) = self.sample(tick.is_multiple_of(RESCAN_EVERY)) {
+            if let Ok(sample) = self.sample(rescan) {
                 let mut s = shared.lock().expect("net state");
+                quiet = s.samples.back().is_some_and(|prev| still(prev, &sample));
                 if s.samples.len() == KEEP_SAMPLES {
                     s.samples.pop_front();
                 }
@@ -383,6 +392,16 @@ impl Sampler {
     }
 }
 
+/// Nothing happened on the target's listeners between two samples: no connection waits to be
+/// accepted, none was accepted, dropped, opened or reset.
+fn still(before: &Sample, now: &Sample) -> bool {
+    before.accepts == now.accepts
+        && before.listeners.len() == now.listeners.len()
+        && before.listeners.iter().zip(&now.listeners).all(|(a, b)| {
+            a.key == b.key && b.queue == 0 && a.drops == b.drops && a.counters == b.counters
+        })
+}
+
 /// Whether two listeners share family, address and port (a SO_REUSEPORT group): an exact
 /// lookup only ever finds one socket of such a group.
 fn shares_address(listeners: &[diag::ListenSocket]) -> bool {
@@ -440,6 +459,16 @@ mod tests {
         let counters = ListenerCounters { established, ..Default::default() };
         let key = ListenerKey { addr: IpAddr::from([127, 0, 0, 1]), port: 80 };
         Sample { t_ns, listeners: vec![ListenerSample { key, backlog: 8, queue: 0, drops, counters }], ..Default::default() }
+    }
+
+    #[test]
+    fn sampling_slows_only_while_nothing_moves() {
+        assert!(still(&sample(0, 3, 7), &sample(10, 3, 7)));
+        assert!(!still(&sample(0, 3, 7), &sample(10, 4, 7)), "a drop");
+        assert!(!still(&sample(0, 3, 7), &sample(10, 3, 8)), "a new connection");
+        let mut queued = sample(10, 3, 7);
+        queued.listeners[0].queue = 1;
+        assert!(!still(&sample(0, 3, 7), &queued), "a connection waiting to be accepted");
     }
 
     #[test]
