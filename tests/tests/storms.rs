@@ -107,6 +107,9 @@ fn redis_with_a_small_backlog_and_pool_clients_overflows_in_a_debug_sleep() {
     let stall = stalls(&records).into_iter().find(|s| s["verdict"] == "off_cpu").expect("the DEBUG SLEEP stall").clone();
     let stall_overflows = u(&stall["net"]["overflows"]) + u(&stall["net"]["after"]["overflows"]);
     eprintln!("stall: {stall}");
-    assert_eq!(stall_overflows, overflows, "{stall}");
+    // The session's count is exact (assert_storm_caused_by). The stall's window ends 500 ms
+    // after it, and a SYN it dropped is retried a second later: on a slow run a retry can meet
+    // a queue still full and overflow outside the window (seen once: 133 of 138).
+    assert!(stall_overflows <= overflows && stall_overflows * 10 >= overflows * 9, "{stall}");
     assert_storm_caused_by(&records, &stall, overflows);
 }
