@@ -24,7 +24,12 @@ fn assert_storm_caused_by(records: &[Value], stall: &Value, kernel_overflows: u6
     for st in storms(records) {
         eprintln!("storm: {st}");
     }
-    assert_eq!(u(&s["listeners"][0]["overflows"]), kernel_overflows, "{s}");
+    // The listener's drop counter also takes final ACKs dropped on a full queue, which
+    // TcpExtListenOverflows counted on some runs and not on others (a fresh clone saw 138
+    // drops, 5 of them final ACKs, against 133): the kernel's count lies between the SYN
+    // drops and all drops.
+    let l = &s["listeners"][0];
+    assert!(u(&l["syn_drops"]) <= kernel_overflows && kernel_overflows <= u(&l["overflows"]), "{s}");
     assert_eq!(u(&s["netns_listen_overflows"]), kernel_overflows, "{s}");
     let linked: Vec<_> = storms(records).into_iter().filter(|st| st["cause"] == "stall").collect();
     assert!(!linked.is_empty(), "no storm caused by the stall: {records:#?}");
@@ -107,9 +112,10 @@ fn redis_with_a_small_backlog_and_pool_clients_overflows_in_a_debug_sleep() {
     let stall = stalls(&records).into_iter().find(|s| s["verdict"] == "off_cpu").expect("the DEBUG SLEEP stall").clone();
     let stall_overflows = u(&stall["net"]["overflows"]) + u(&stall["net"]["after"]["overflows"]);
     eprintln!("stall: {stall}");
-    // The session's count is exact (assert_storm_caused_by). The stall's window ends 500 ms
-    // after it, and a SYN it dropped is retried a second later: on a slow run a retry can meet
-    // a queue still full and overflow outside the window (seen once: 133 of 138).
-    assert!(stall_overflows <= overflows && stall_overflows * 10 >= overflows * 9, "{stall}");
+    // The stall's window ends 500 ms after it, and a SYN it dropped is retried a second
+    // later: on a slow run a retry can meet a queue still full and overflow outside the
+    // window. Most of the session's drops are the stall's.
+    let session = u(&summary(&records)["listeners"][0]["overflows"]);
+    assert!(stall_overflows <= session && stall_overflows * 10 >= session * 9, "{stall}");
     assert_storm_caused_by(&records, &stall, overflows);
 }
