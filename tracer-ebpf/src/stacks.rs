@@ -4,7 +4,7 @@
 //! top of the user stack, and userspace unwinds them from .eh_frame.
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user_buf, bpf_task_pt_regs},
+    helpers::bpf_probe_read_user_buf,
     macros::{map, perf_event},
     maps::{RingBuf, StackTrace},
     programs::{PerfEventContext, tracing::StackIdContext},
@@ -13,7 +13,7 @@ use tracer_common::{STACK_BYTES, StackEvent, ThreadState, counter, stack_kind};
 
 use crate::{
     state::{count, current_iteration, current_tid, global, now, threshold_ns},
-    syscalls,
+    syscalls, task,
 };
 
 /// 16 KiB records, a few per slow call or sampled stall, drained every 100 ms: 4 MiB (256
@@ -91,11 +91,10 @@ pub fn capture<C: EbpfContext + StackIdContext>(ctx: &C, s: &ThreadState, tid: u
         // lands in the kernel shows where the kernel spends the stall.
         (*ev).kstack_id = if kind == stack_kind::SAMPLE { ctx.get_stackid(&KSTACKS, 0).map_or(-1, |id| id as i32) } else { -1 };
         // The user registers, wherever the thread is now (in a syscall, or interrupted).
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
-        let reg = |off: &u64| bpf_probe_read_kernel(regs.add(global(off) as usize).cast::<u64>()).unwrap_or(0);
-        (*ev).ip = reg(&PT_REGS_IP_OFF);
-        (*ev).sp = reg(&PT_REGS_SP_OFF);
-        (*ev).bp = reg(&PT_REGS_BP_OFF);
+        let regs = task::current_regs();
+        (*ev).ip = task::read(regs, &PT_REGS_IP_OFF);
+        (*ev).sp = task::read(regs, &PT_REGS_SP_OFF);
+        (*ev).bp = task::read(regs, &PT_REGS_BP_OFF);
         (*ev).stack_len = copy_stack((*ev).sp, &mut (*ev).stack);
     }
     entry.submit(0);

@@ -22,8 +22,9 @@ const ENOSYS: i64 = 38;
 
 pub type Task = *const u8;
 
+/// A field at a load-time offset from `base` (a task, or its saved registers).
 #[inline(always)]
-fn read<T: Default>(base: *const u8, off: &u64) -> T {
+pub fn read<T: Default>(base: *const u8, off: &u64) -> T {
     // SAFETY: a probe read: a bad address yields an error, not a fault.
     unsafe { bpf_probe_read_kernel(base.add(global(off) as usize).cast::<T>()) }.unwrap_or_default()
 }
@@ -46,6 +47,14 @@ pub fn sleeping(t: Task) -> bool {
     read::<u32>(t, &TASK_STATE_OFF) != 0
 }
 
+/// The user registers the current task saved at the top of its kernel stack on entering the
+/// kernel (a syscall, an interrupt or a fault).
+#[inline(always)]
+pub fn current_regs() -> *const u8 {
+    // SAFETY: helpers on the current task, always valid in a tracing program.
+    unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8 }
+}
+
 /// The number of the syscall the current task is inside, read from the registers saved at
 /// the top of its kernel stack: None in user code, an interrupt or a fault.
 #[inline(always)]
@@ -53,8 +62,7 @@ pub fn current_syscall() -> Option<u64> {
     if global(&PT_REGS_SYSNR_OFF) == u64::MAX {
         return None;
     }
-    // SAFETY: helpers on the current task, always valid in a tracing program.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    let regs = current_regs();
     let nr: i32 = read(regs, &PT_REGS_SYSNR_OFF);
     if nr < 0 {
         return None;

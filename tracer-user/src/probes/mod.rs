@@ -424,10 +424,7 @@ const EPOLL_NRS: [i64; 2] = [libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
 fn waiting_in_epoll(pid: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|tid| {
-            let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).unwrap_or_default();
-            text.split_whitespace().next().and_then(|nr| nr.parse::<i64>().ok()).is_some_and(|nr| EPOLL_NRS.contains(&nr))
-        })
+        .filter(|&tid| crate::stacks::parked::blocked(pid, tid).is_some_and(|b| EPOLL_NRS.contains(&(b.nr as i64))))
         .collect()
 }
 
