@@ -35,11 +35,11 @@ fn jemalloc_shrink_is_an_allocator_purge_with_the_workloads_madvise_time() {
 }
 
 #[test]
-fn alloc_group_times_realloc_in_the_preloaded_jemalloc() {
+fn alloc_calls_times_realloc_in_the_preloaded_jemalloc() {
     let server = LoopServer::start(true).unwrap();
     let mut client = server.client().unwrap();
     client.call("FILL 512").unwrap();
-    let tracer = Tracer::start(server.proc.pid(), &["--probes", "all"]).unwrap();
+    let tracer = Tracer::start(server.proc.pid(), &["--probes", "all", "--alloc-calls"]).unwrap();
     client.call("SHRINK").unwrap();
     thread::sleep(Duration::from_millis(300));
     let records = tracer.stop().unwrap();
@@ -48,6 +48,42 @@ fn alloc_group_times_realloc_in_the_preloaded_jemalloc() {
     // madvise nested in realloc is counted once, as madvise.
     let total = stall["madvise"]["ns"].as_u64().unwrap() + stall["alloc"]["ns"].as_u64().unwrap();
     assert!(total <= stall["duration_ns"].as_u64().unwrap(), "{stall}");
+}
+
+/// CHURN mallocs and frees small blocks for 300 ms: no syscall, no probe on the allocator,
+/// only the sampler's stacks can tell its time from the loop's own.
+fn churn_is_sampled_into_the_allocator(jemalloc: bool) {
+    let server = LoopServer::start(jemalloc).unwrap();
+    let mut client = server.client().unwrap();
+    let tracer = Tracer::start(server.proc.pid(), &[]).unwrap();
+    client.call("CHURN 300").unwrap();
+    client.call("SPIN 100").unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let records = tracer.stop().unwrap();
+    let found = stalls(&records);
+    assert_eq!(found.len(), 2, "{records:#?}");
+    let (churn, spin) = (found[0], found[1]);
+    // Other tests share the CPUs: part of either stall may be runnable (off_cpu).
+    assert!(["allocator_purge", "off_cpu"].contains(&churn["verdict"].as_str().unwrap()), "{churn}");
+    let alloc = &churn["alloc"];
+    let (samples, inside) = (alloc["samples"].as_u64().unwrap(), alloc["samples_in_allocator"].as_u64().unwrap());
+    assert!(samples >= 5 && inside * 2 >= samples, "most samples in malloc/free: {churn}");
+    assert_eq!(alloc["calls"], 0, "no uprobe timed a call: {churn}");
+    // jemalloc purging at once (decay 0) adds madvise calls: measured, so not the samples'.
+    assert!(alloc["ns"].as_u64().unwrap() > churn["app_code_ns"].as_u64().unwrap(), "{churn}");
+    assert!(spin["alloc"]["samples"].as_u64().unwrap() >= 1, "{spin}");
+    assert_eq!(spin["alloc"]["samples_in_allocator"], 0, "{spin}");
+    assert_eq!(spin["alloc"]["ns"], 0, "{spin}");
+}
+
+#[test]
+fn jemalloc_churn_is_sampled_into_the_allocator() {
+    churn_is_sampled_into_the_allocator(true);
+}
+
+#[test]
+fn glibc_churn_is_sampled_into_the_allocator() {
+    churn_is_sampled_into_the_allocator(false);
 }
 
 #[test]

@@ -303,8 +303,12 @@ pub mod stack_kind {
     pub const SYSCALL: u32 = 1;
     /// An allocator call at least STACK_MIN_NS long, captured at its return (caller's frames).
     pub const ALLOC: u32 = 2;
-    /// A timed sample of a thread whose current iteration is already past the threshold.
+    /// A timed sample of a thread whose current iteration is already past the threshold, in
+    /// time no probe accounts for (user code, a page fault, an unmeasured syscall).
     pub const SAMPLE: u32 = 3;
+    /// The same, in a call whose time is already measured (a purge or connection syscall, or
+    /// one the syscalls group counted): not a share of the unexplained rest.
+    pub const SAMPLE_MEASURED: u32 = 4;
 }
 
 /// A user stack snapshot (registers plus the stack's top bytes, unwound in userspace from

@@ -53,7 +53,8 @@ pub fn slow(ns: u64) -> bool {
 #[perf_event]
 pub fn stall_sample(ctx: PerfEventContext) -> u32 {
     let Some(s) = current_iteration() else { return 0 };
-    if let Some(nr) = syscalls::current_other(s) {
+    let other = syscalls::current_other(s);
+    if let Some(nr) = other {
         syscalls::sampled(s, nr, global(&SAMPLE_PERIOD_NS));
     }
     if global(&STACKS_ON) == 0 {
@@ -67,7 +68,10 @@ pub fn stall_sample(ctx: PerfEventContext) -> u32 {
         return 0;
     }
     s.last_stack_ns = ts;
-    capture(&ctx, s, current_tid(), stack_kind::SAMPLE, every);
+    // Userspace splits the unexplained time by where such samples land (the allocator or not).
+    let measured = other.is_some() || s.purge_start_ns != 0 || s.sys_start_ns != 0;
+    let kind = if measured { stack_kind::SAMPLE_MEASURED } else { stack_kind::SAMPLE };
+    capture(&ctx, s, current_tid(), kind, every);
     0
 }
 
@@ -89,7 +93,7 @@ pub fn capture<C: EbpfContext + StackIdContext>(ctx: &C, s: &ThreadState, tid: u
         (*ev).kind = kind;
         // At a syscall's exit the kernel stack is only the exit path; a timer sample that
         // lands in the kernel shows where the kernel spends the stall.
-        (*ev).kstack_id = if kind == stack_kind::SAMPLE { ctx.get_stackid(&KSTACKS, 0).map_or(-1, |id| id as i32) } else { -1 };
+        (*ev).kstack_id = if kind >= stack_kind::SAMPLE { ctx.get_stackid(&KSTACKS, 0).map_or(-1, |id| id as i32) } else { -1 };
         // The user registers, wherever the thread is now (in a syscall, or interrupted).
         let regs = task::current_regs();
         (*ev).ip = task::read(regs, &PT_REGS_IP_OFF);

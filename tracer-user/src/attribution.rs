@@ -1,9 +1,12 @@
 //! Turns the kernel's per-iteration accounting into a verdict: which cause explains the
 //! largest share of a stall, and how much each cause explains.
 use serde::Serialize;
-use tracer_common::{StallEvent, TOP_SYSCALLS};
+use tracer_common::{Components, StallEvent, TOP_SYSCALLS};
 
-use crate::{net::StallNet, stacks::collect::WeightedStack};
+use crate::{
+    net::StallNet,
+    stacks::collect::{AllocSplit, WeightedStack},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -45,8 +48,13 @@ pub struct Purge {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Alloc {
+    /// Calls timed by the uprobes (--alloc-calls); 0 when sampled.
     pub calls: u64,
     pub ns: u64,
+    /// Sampled mode: the stall's samples in unexplained time, and how many were inside the
+    /// allocator. `ns` is then that share of the unexplained time (an estimate, 10 ms steps).
+    pub samples: u64,
+    pub samples_in_allocator: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -114,6 +122,19 @@ pub struct Stall {
     pub stacks: Vec<WeightedStack>,
 }
 
+impl Alloc {
+    /// "12.0ms in 3 calls" (timed) or "~12.0ms, 7/9 samples" (sampled); None when neither saw it.
+    pub fn describe(&self) -> Option<String> {
+        if self.calls > 0 {
+            Some(format!("{} in {} calls", crate::histogram::human_ns(self.ns), self.calls))
+        } else if self.samples_in_allocator > 0 {
+            Some(format!("~{}, {}/{} samples", crate::histogram::human_ns(self.ns), self.samples_in_allocator, self.samples))
+        } else {
+            None
+        }
+    }
+}
+
 impl Stall {
     /// The innermost user frame of the heaviest stack: where the time was going.
     pub fn top_frame(&self) -> Option<&str> {
@@ -121,8 +142,9 @@ impl Stall {
     }
 }
 
-pub fn attribute(ev: &StallEvent) -> Stall {
-    let p = &ev.parts;
+/// `split`: how the stall's samples of unexplained time fell, when the alloc group samples.
+pub fn attribute(ev: &StallEvent, split: AllocSplit) -> Stall {
+    let p = &with_sampled_alloc(ev, split);
     let duration = ev.duration_ns.max(1);
     let purge = p.madvise_ns + p.munmap_ns + p.mremap_ns + p.alloc_ns;
     let off_cpu = p.runnable_ns + p.blocked_ns;
@@ -160,7 +182,12 @@ pub fn attribute(ev: &StallEvent) -> Stall {
         madvise: Purge { calls: p.madvise_calls, ns: p.madvise_ns, bytes: p.madvise_bytes },
         munmap: Purge { calls: p.munmap_calls, ns: p.munmap_ns, bytes: p.munmap_bytes },
         mremap: Purge { calls: p.mremap_calls, ns: p.mremap_ns, bytes: p.mremap_bytes },
-        alloc: Alloc { calls: p.alloc_calls, ns: p.alloc_ns },
+        alloc: Alloc {
+            calls: p.alloc_calls,
+            ns: p.alloc_ns,
+            samples: split.samples,
+            samples_in_allocator: split.in_allocator,
+        },
         off_cpu: OffCpu { runnable_ns: p.runnable_ns, blocked_ns: p.blocked_ns },
         syscalls: Syscalls {
             samples: p.syscall_samples,
@@ -181,6 +208,20 @@ pub fn attribute(ev: &StallEvent) -> Stall {
         stack: Vec::new(),
         stacks: Vec::new(),
     }
+}
+
+/// The parts with the allocator's sampled share of the time no probe measured added to its
+/// measured time: the sampler ran only once the iteration was past the threshold, so the
+/// share is taken to hold for the whole of that time.
+fn with_sampled_alloc(ev: &StallEvent, split: AllocSplit) -> Components {
+    let mut p = ev.parts;
+    if split.samples == 0 {
+        return p;
+    }
+    let measured = p.madvise_ns + p.munmap_ns + p.mremap_ns + p.alloc_ns + p.runnable_ns + p.blocked_ns + p.syscall_ns + p.conn_ns;
+    let unexplained = ev.duration_ns.saturating_sub(measured);
+    p.alloc_ns += (u128::from(unexplained) * u128::from(split.in_allocator) / u128::from(split.samples)) as u64;
+    p
 }
 
 fn top_syscalls(nrs: &[u32; TOP_SYSCALLS], ns: &[u64; TOP_SYSCALLS]) -> Vec<(String, u64)> {
@@ -210,7 +251,6 @@ fn round1(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tracer_common::Components;
 
     fn event(duration_ns: u64, parts: Components) -> StallEvent {
         StallEvent { pid: 1, tid: 1, comm: *b"redis-server\0\0\0\0", start_ns: 0, duration_ns, parts }
@@ -218,7 +258,7 @@ mod tests {
 
     #[test]
     fn purge_dominates() {
-        let s = attribute(&event(100, Components { madvise_ns: 80, alloc_ns: 5, madvise_calls: 1, ..Default::default() }));
+        let s = attribute(&event(100, Components { madvise_ns: 80, alloc_ns: 5, madvise_calls: 1, ..Default::default() }), AllocSplit::default());
         assert_eq!(s.verdict, Verdict::AllocatorPurge);
         assert_eq!(s.explained_pct, 85.0);
         assert_eq!(s.app_code_ns, 15);
@@ -226,8 +266,18 @@ mod tests {
     }
 
     #[test]
+    fn sampled_allocator_share_of_the_unexplained_time() {
+        let parts = Components { blocked_ns: 200, ..Default::default() };
+        let s = attribute(&event(1000, parts), AllocSplit { samples: 10, in_allocator: 7 });
+        assert_eq!(s.verdict, Verdict::AllocatorPurge);
+        assert_eq!(s.alloc.ns, 560, "7 of 10 samples of the 800 ns nothing measured");
+        assert_eq!(s.app_code_ns, 240);
+        assert_eq!(s.alloc.samples_in_allocator, 7);
+    }
+
+    #[test]
     fn unexplained_time_is_app_code() {
-        let s = attribute(&event(1000, Components { blocked_ns: 100, syscall_ns: 50, ..Default::default() }));
+        let s = attribute(&event(1000, Components { blocked_ns: 100, syscall_ns: 50, ..Default::default() }), AllocSplit::default());
         assert_eq!(s.verdict, Verdict::AppCode);
         assert_eq!(s.explained_pct, 85.0);
     }
@@ -235,10 +285,10 @@ mod tests {
     #[test]
     fn a_burst_of_accepts_is_a_connection_storm() {
         let parts = Components { conn_ns: 400, accepts: 5000, syscall_ns: 100, ..Default::default() };
-        let s = attribute(&event(1000, parts));
+        let s = attribute(&event(1000, parts), AllocSplit::default());
         assert_eq!(s.verdict, Verdict::ConnectionStorm);
         assert_eq!(s.explained_pct, 90.0, "connection syscalls plus the loop's own code");
-        let few = attribute(&event(1000, Components { conn_ns: 400, accepts: 3, ..Default::default() }));
+        let few = attribute(&event(1000, Components { conn_ns: 400, accepts: 3, ..Default::default() }), AllocSplit::default());
         assert_eq!(few.verdict, Verdict::AppCode);
     }
 
@@ -247,7 +297,7 @@ mod tests {
         let mut parts = Components { blocked_ns: 900, syscall_ns: 10, ..Default::default() };
         parts.top_nr[0] = 35 + 1;
         parts.top_ns[0] = 10;
-        let s = attribute(&event(1000, parts));
+        let s = attribute(&event(1000, parts), AllocSplit::default());
         assert_eq!(s.verdict, Verdict::OffCpu);
         assert_eq!(s.syscalls.top.as_deref(), Some(syscall_name(35).as_str()));
     }

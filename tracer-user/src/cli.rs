@@ -72,9 +72,14 @@ pub struct CommonArgs {
     /// Connection attempts per second on one listener that make a storm (any overflow does too).
     #[arg(long, default_value_t = 1000)]
     pub storm_rate: u64,
-    /// Allocator functions the alloc group probes (wherever the target's allocator defines them).
-    #[arg(long, value_delimiter = ',', default_value = "realloc")]
-    pub alloc_funcs: Vec<String>,
+    /// Allocator functions the alloc group looks for (wherever the target's allocator defines
+    /// them; default realloc): their object's frames, and theirs, are the allocator's.
+    #[arg(long, value_delimiter = ',')]
+    pub alloc_funcs: Option<Vec<String>>,
+    /// Time every call of the allocator functions with a uprobe pair (exact per-call latency,
+    /// ~0.9 us a call) instead of sampling stalled stacks. Implies the alloc group.
+    #[arg(long)]
+    pub alloc_calls: bool,
 }
 
 #[derive(Args, Debug)]
@@ -115,10 +120,11 @@ pub struct DemoServerArgs {
     pub name: String,
 }
 
-/// Default groups: all but syscalls (its samples are coarse: 10 ms) and alloc (a uprobe on
-/// every realloc, ~0.9 us a call: BENCHMARKS.md).
-pub const DEFAULT_GROUPS: u32 = group::LOOP | group::PURGE | group::SCHED | group::NET | group::STACKS | group::PARK;
-pub const ALL_GROUPS: u32 = DEFAULT_GROUPS | group::SYSCALLS | group::ALLOC;
+/// Default groups: all but syscalls (its samples are coarse: 10 ms, and the sampler then
+/// runs in every iteration, not only stalled ones).
+pub const DEFAULT_GROUPS: u32 =
+    group::LOOP | group::PURGE | group::SCHED | group::NET | group::STACKS | group::PARK | group::ALLOC;
+pub const ALL_GROUPS: u32 = DEFAULT_GROUPS | group::SYSCALLS;
 
 pub fn parse_groups(s: &str) -> Result<u32> {
     let mut groups = group::LOOP;

@@ -75,7 +75,7 @@ pub fn trace(pid: u32, common: &CommonArgs) -> Result<()> {
         pid,
         threshold_ns: common.threshold.as_nanos() as u64,
         duration: common.duration,
-        probes: ProbeConfig { groups: common.probes, alloc_funcs: common.alloc_funcs.clone() },
+        probes: ProbeConfig::new(common.probes, common.alloc_funcs.clone(), common.alloc_calls),
         storm_rate: common.storm_rate,
         starvation: starvation::StarveConfig {
             share: common.starve_share,

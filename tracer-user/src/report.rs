@@ -225,8 +225,8 @@ impl Reporter {
         if s.mremap.calls > 0 {
             line += &format!(" mremap {} ({}x, {} released)", human_ns(s.mremap.ns), s.mremap.calls, human_bytes(s.mremap.bytes));
         }
-        if s.alloc.calls > 0 {
-            line += &format!(" alloc {} ({}x)", human_ns(s.alloc.ns), s.alloc.calls);
+        if let Some(alloc) = s.alloc.describe() {
+            line += &format!(" alloc {alloc}");
         }
         line += &format!(
             " off-cpu {} run/{} blk syscalls {}",

@@ -23,7 +23,10 @@ use crate::{
     },
     probes::{ProbeConfig, Probes},
     report::clock_ns,
-    stacks::collect::{STACKS_PER_STALL, StackCollector},
+    stacks::{
+        allocator::AllocatorFrames,
+        collect::{AllocSplit, STACKS_PER_STALL, StackCollector},
+    },
     starvation::{StarvationMonitor, StarveConfig, Starvation},
     target::{self, Target},
 };
@@ -85,7 +88,7 @@ impl Session {
         probes.seed_waiting_threads(target.pid)?;
         let ring = RingBuf::try_from(probes.ebpf.take_map(maps::STALLS).context("STALLS map")?)?;
         let net = if opts.probes.groups & group::NET != 0 { Some(start_net(&mut probes, &target, opts)?) } else { None };
-        let stacks = if opts.probes.groups & group::STACKS != 0 { Some(start_stacks(&mut probes)?) } else { None };
+        let stacks = if opts.probes.groups & group::STACKS != 0 { Some(start_stacks(&mut probes, &opts.probes)?) } else { None };
         let starvation = if opts.probes.groups & group::PARK != 0 {
             let parked = HashMap::try_from(probes.ebpf.take_map(maps::PARKED).context("PARKED map")?)?;
             Some((StarvationMonitor::new(target.pid, parked, opts.starvation.clone())?, Instant::now()))
@@ -141,26 +144,21 @@ impl Session {
     /// Everything ready to report: stalls (with their net window once it is sampled) and
     /// storms that ended. `flush` releases what would otherwise still wait.
     pub fn drain(&mut self, flush: bool) -> Vec<Event> {
-        let mut stalls = Vec::new();
+        let mut events = Vec::new();
         while let Some(item) = self.ring.next() {
             if item.len() < size_of::<StallEvent>() {
                 continue;
             }
             // SAFETY: the kernel wrote a whole StallEvent; the ring buffer only guarantees
             // 8-byte alignment, so read it unaligned.
-            let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StallEvent>()) };
-            stalls.push(attribution::attribute(&ev));
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StallEvent>()) });
         }
         self.sample_blocked();
         // Read after the stalls: an iteration's stacks were submitted before its stall was.
         if let Some(collector) = self.stacks.as_mut() {
             collector.drain(clock_ns(libc::CLOCK_MONOTONIC));
-            for s in &mut stalls {
-                s.stacks = collector.take(s.tid, s.start_ns);
-                s.stack = s.stacks.first().map(|w| w.frames.clone()).unwrap_or_default();
-                s.stacks.truncate(STACKS_PER_STALL);
-            }
         }
+        let stalls: Vec<Stall> = events.iter().map(|ev| self.attribute(ev)).collect();
         let mut events = match self.net.as_mut() {
             None => stalls.into_iter().map(Event::Stall).collect(),
             Some(net) => net.advance(stalls, &self.app, self.target.pid, flush),
@@ -179,6 +177,16 @@ impl Session {
             }
         }
         events
+    }
+
+    /// A stall record with its stacks, and the allocator's share of its samples.
+    fn attribute(&mut self, ev: &StallEvent) -> Stall {
+        let Some(collector) = self.stacks.as_mut() else { return attribution::attribute(ev, AllocSplit::default()) };
+        let mut s = attribution::attribute(ev, collector.take_split(ev.tid, ev.start_ns));
+        s.stacks = collector.take(s.tid, s.start_ns);
+        s.stack = s.stacks.first().map(|w| w.frames.clone()).unwrap_or_default();
+        s.stacks.truncate(STACKS_PER_STALL);
+        s
     }
 
     /// This session's counts for the daemon's metrics.
@@ -284,10 +292,13 @@ impl Session {
     }
 }
 
-fn start_stacks(probes: &mut Probes) -> Result<StackCollector> {
+fn start_stacks(probes: &mut Probes, config: &ProbeConfig) -> Result<StackCollector> {
     let ring = RingBuf::try_from(probes.ebpf.take_map(maps::STACK_EVENTS).context("STACK_EVENTS map")?)?;
     let kstacks = StackTraceMap::try_from(probes.ebpf.take_map(maps::KSTACKS).context("KSTACKS map")?)?;
-    Ok(StackCollector::new(ring, kstacks))
+    // With --alloc-calls the uprobes time the allocator exactly: samples must not add to it.
+    let sampled = config.groups & group::ALLOC != 0 && !config.alloc_calls;
+    let allocator = sampled.then(|| AllocatorFrames::new(&probes.alloc_symbols, config.alloc_funcs.as_deref().unwrap_or_default()));
+    Ok(StackCollector::new(ring, kstacks, allocator))
 }
 
 fn start_net(probes: &mut Probes, target: &Target, opts: &TraceOptions) -> Result<Net> {

@@ -30,6 +30,9 @@ pub struct TargetSpec {
     pub threshold: String,
     /// Probe groups as for `-p` (`--probes`); the default set when absent.
     pub probes: Option<String>,
+    /// Time every allocator call with uprobes, as `--alloc-calls`.
+    #[serde(default)]
+    pub alloc_calls: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]

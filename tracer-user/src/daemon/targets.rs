@@ -34,7 +34,7 @@ impl Live {
             pid,
             threshold_ns: spec.threshold()?.as_nanos() as u64,
             duration: None,
-            probes: ProbeConfig { groups, alloc_funcs: vec!["realloc".into()] },
+            probes: ProbeConfig::new(groups, None, spec.alloc_calls),
             storm_rate: 1000,
             starvation: StarveConfig::default(),
         };

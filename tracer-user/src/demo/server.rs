@@ -4,7 +4,8 @@
 //! Commands (one per line, each answered with `OK <ns>`: the time the command itself took):
 //! `PING`, `FILL <MiB>` (allocate and touch a buffer), `SHRINK` (realloc it down to 4 KiB),
 //! `SPIN <ms>` (burn CPU), `SLEEP <ms>` (block), `ZERO <ms>` (on CPU inside read(2) of
-//! /dev/zero: kernel time), `QUIT` (exit).
+//! /dev/zero: kernel time), `CHURN <ms>` (malloc and free small blocks: allocator time on CPU),
+//! `QUIT` (exit).
 use std::{
     collections::HashMap,
     io::{ErrorKind, Read as _, Write as _},
@@ -141,6 +142,7 @@ fn run_command(line: &str, state: &mut State) -> String {
         "SPIN" => spin(Duration::from_millis(arg)),
         "SLEEP" => std::thread::sleep(Duration::from_millis(arg)),
         "ZERO" => read_zero(Duration::from_millis(arg)),
+        "CHURN" => churn(Duration::from_millis(arg)),
         "QUIT" => std::process::exit(0),
         _ => return format!("ERR unknown command {cmd:?}\n"),
     }
@@ -155,6 +157,28 @@ fn read_zero(d: Duration) {
     while t.elapsed() < d {
         let _ = f.read(&mut buf);
     }
+}
+
+/// Time inside the allocator and no syscall: small blocks (slab and bin sizes in jemalloc and
+/// glibc alike), never touched, each replacing another at random. malloc and free are called
+/// directly so that little else runs, even in a debug build.
+fn churn(d: Duration) {
+    let t = Instant::now();
+    let mut slots = [std::ptr::null_mut::<libc::c_void>(); 256];
+    let mut x = 1u64;
+    while t.elapsed() < d {
+        for _ in 0..1000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let slot = &mut slots[(x >> 40) as usize % 256];
+            // SAFETY: every pointer in `slots` is null or from malloc, and freed exactly once.
+            unsafe {
+                libc::free(*slot);
+                *slot = libc::malloc(16 << (x >> 61));
+            }
+        }
+    }
+    // SAFETY: as above.
+    slots.iter().for_each(|&p| unsafe { libc::free(p) });
 }
 
 fn spin(d: Duration) {

@@ -24,6 +24,9 @@ pub struct AllocSymbol {
     pub open_path: PathBuf,
     pub symbol: String,
     pub address: u64,
+    /// The object exists to be the allocator (a library other than libc and the loader, not
+    /// the program itself): every frame in it is allocator time.
+    pub dedicated: bool,
 }
 
 /// An executable object mapped by the target, with the allocator symbols it defines.
@@ -55,7 +58,16 @@ pub fn resolve(target: &Target, funcs: &[String]) -> Result<Vec<AllocSymbol>> {
             }
         }
     }
+    let exe = exe_path(target);
+    for s in &mut found {
+        s.dedicated = s.object != exe && !is_libc(&s.object);
+    }
     Ok(found)
+}
+
+fn is_libc(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-linux")
 }
 
 fn push_unique(
@@ -72,6 +84,7 @@ fn push_unique(
             open_path: obj.open_path.clone(),
             symbol: symbol.to_string(),
             address,
+            dedicated: false,
         });
     }
 }
@@ -86,12 +99,11 @@ impl MappedObject {
 fn binding_for<'a>(objects: &'a [MappedObject], func: &str, target: &Target) -> Option<(&'a MappedObject, u64)> {
     let preload = preloaded(target);
     let rank = |o: &MappedObject| -> u8 {
-        let name = o.path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if o.path == exe_path(target) {
             0
         } else if preload.iter().any(|p| p == &o.path || p.file_name() == o.path.file_name()) {
             1
-        } else if name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-linux") {
+        } else if is_libc(&o.path) {
             3
         } else {
             2

@@ -7,7 +7,7 @@ use aya::maps::{MapData, RingBuf, StackTraceMap};
 use serde::Serialize;
 use tracer_common::{StackEvent, stack_kind};
 
-use super::{parked, symbolize::Symbols, unwind::Unwinder};
+use super::{allocator::AllocatorFrames, parked, symbolize::Symbols, unwind::Unwinder};
 
 /// Stacks of iterations whose stall never came (shorter than the threshold after all) are
 /// dropped after this long.
@@ -27,25 +27,39 @@ pub struct WeightedStack {
     pub count: u64,
 }
 
+/// How one iteration's samples in unexplained time (no probe measured it) fell: the
+/// allocator's share of them is its share of that time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocSplit {
+    pub samples: u64,
+    pub in_allocator: u64,
+}
+
 pub struct StackCollector {
     ring: RingBuf<MapData>,
     kstacks: StackTraceMap<MapData>,
     unwinders: HashMap<u32, Unwinder>,
     symbols: Symbols,
     by_iteration: HashMap<(u32, u64), Vec<WeightedStack>>,
+    /// Set when the alloc group samples: which frames are the allocator's, and per iteration
+    /// how its unexplained samples fell.
+    allocator: Option<AllocatorFrames>,
+    splits: HashMap<(u32, u64), AllocSplit>,
     /// Per stalled iteration, how far into it the last /proc look was.
     blocked_seen: HashMap<(u32, u64), u64>,
     pub received: u64,
 }
 
 impl StackCollector {
-    pub fn new(ring: RingBuf<MapData>, kstacks: StackTraceMap<MapData>) -> Self {
+    pub fn new(ring: RingBuf<MapData>, kstacks: StackTraceMap<MapData>, allocator: Option<AllocatorFrames>) -> Self {
         Self {
             ring,
             kstacks,
             unwinders: HashMap::new(),
             symbols: Symbols::new(),
             by_iteration: HashMap::new(),
+            allocator,
+            splits: HashMap::new(),
             blocked_seen: HashMap::new(),
             received: 0,
         }
@@ -66,6 +80,7 @@ impl StackCollector {
             self.by_iteration.entry((ev.tid, ev.iter_start_ns)).or_default().push(stack);
         }
         self.by_iteration.retain(|&(_, start), _| start + KEEP_NS > now_ns);
+        self.splits.retain(|&(_, start), _| start + KEEP_NS > now_ns);
         self.blocked_seen.retain(|&(_, start), _| start + KEEP_NS > now_ns);
     }
 
@@ -85,6 +100,11 @@ impl StackCollector {
         self.received += 1;
         let stack = WeightedStack { frames, weight_ns, kind: "blocked", count: 1 };
         self.by_iteration.entry((tid, iter_start_ns)).or_default().push(stack);
+    }
+
+    /// How one iteration's unexplained samples fell (all zero when the alloc group is off).
+    pub fn take_split(&mut self, tid: u32, iter_start_ns: u64) -> AllocSplit {
+        self.splits.remove(&(tid, iter_start_ns)).unwrap_or_default()
     }
 
     /// The stacks of one iteration, identical ones merged, heaviest first.
@@ -108,9 +128,21 @@ impl StackCollector {
         let unwinder = self.unwinders.entry(ev.pid).or_insert_with(|| Unwinder::new(ev.pid));
         let user = unwinder.unwind(ev.ip, ev.sp, ev.bp, &ev.stack[..len]);
         let mut frames: Vec<String> = self.symbols.user(ev.pid, &user);
+        if ev.kind == stack_kind::SAMPLE {
+            self.count_sample(ev, &user, &frames);
+        }
         frames.reverse();
         frames.extend(self.kernel_frames(ev.kstack_id).into_iter().map(|f| format!("[k] {f}")));
         WeightedStack { frames, weight_ns: ev.weight_ns, kind: kind_name(ev.kind), count: 1 }
+    }
+
+    fn count_sample(&mut self, ev: &StackEvent, addrs: &[u64], names: &[String]) {
+        let Some(allocator) = &self.allocator else { return };
+        let modules = self.symbols.modules(ev.pid, addrs);
+        let inside = names.iter().zip(modules).any(|(name, module)| allocator.matches(module, name));
+        let split = self.splits.entry((ev.tid, ev.iter_start_ns)).or_default();
+        split.samples += 1;
+        split.in_allocator += u64::from(inside);
     }
 
     /// Kernel frames root first (the stack map holds them leaf first).

@@ -86,6 +86,13 @@ impl Symbols {
         names.into_iter().flatten().collect()
     }
 
+    /// The basename of the file each user address is in, from the snapshot `user` used.
+    pub fn modules(&self, pid: u32, addrs: &[u64]) -> Vec<Option<&str>> {
+        let regions = self.processes.get(&pid).map(Vec::as_slice).unwrap_or_default();
+        let module = |addr| region_at(regions, addr).filter(|r| r.map.is_file()).map(|r| r.map.basename());
+        addrs.iter().map(|&addr| module(addr)).collect()
+    }
+
     /// Kernel addresses (e.g. from a BPF stack map) to function names, from vmlinux when one
     /// is found, else /proc/kallsyms; "0x..." when neither knows the address.
     pub fn kernel(&mut self, addrs: &[u64]) -> Vec<String> {

@@ -94,7 +94,7 @@ fn draw_memory(f: &mut Frame, area: Rect, app: &App) {
             human_bytes(app.purge_bytes())
         )),
         Line::from(if alloc.count == 0 {
-            "alloc: not probed (--probes all)".to_string()
+            "alloc: per call with --alloc-calls".to_string()
         } else {
             format!("alloc {}x p99 {} max {}", alloc.count, human_ns(alloc.p99_ns), human_ns(alloc.max_ns))
         }),

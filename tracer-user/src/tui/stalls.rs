@@ -100,7 +100,7 @@ fn detail_lines(s: &Stall) -> Vec<Line<'static>> {
         Line::from(format!("        madvise {} in {} calls, {}", human_ns(s.madvise.ns), s.madvise.calls, human_bytes(s.madvise.bytes))),
         Line::from(format!("        munmap  {} in {} calls, {}", human_ns(s.munmap.ns), s.munmap.calls, human_bytes(s.munmap.bytes))),
         Line::from(format!("        mremap  {} in {} calls, {} released", human_ns(s.mremap.ns), s.mremap.calls, human_bytes(s.mremap.bytes))),
-        Line::from(format!("        allocator {} in {} calls", human_ns(s.alloc.ns), s.alloc.calls)),
+        Line::from(format!("        allocator {}", s.alloc.describe().unwrap_or_else(|| "0ns".into()))),
         Line::from(format!(
             "{} off_cpu: blocked {}, runnable {}",
             pct(s.shares.off_cpu),
