@@ -25,7 +25,7 @@ pub fn measure(ctx: &Ctx, load: Option<&LoadFootprint>) -> Result<Section> {
         raw.extend(samples.iter().map(|(cpu, rss)| format!("{} | idle redis | {cpu:.3}% | {rss} KiB", v.label())));
         table.row(row(&v.label(), "idle redis", &samples));
     }
-    for v in [Variant::Stalltrace("default"), Variant::Daemon, Variant::Stalltrace("all"), Variant::Bpftrace] {
+    for v in crate::bench::redis_cost::VARIANTS.into_iter().filter(|v| *v != Variant::Untraced) {
         let samples = load.and_then(|l| l.get(&v.label()));
         match samples {
             Some(s) => table.row(row(&v.label(), "redis under redis-benchmark", s)),

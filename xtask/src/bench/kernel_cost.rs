@@ -14,7 +14,8 @@ use super::{
     tracers::{self, Variant},
 };
 
-const VARIANTS: [Variant; 2] = [Variant::Stalltrace("default"), Variant::Stalltrace("all")];
+const VARIANTS: [Variant; 3] =
+    [Variant::Stalltrace("default"), Variant::Stalltrace("all"), Variant::Stalltrace(tracers::ALL_ALLOC_CALLS)];
 
 /// Our programs in the order they are listed; any others follow.
 const PROGRAM_ORDER: [&str; 13] = [

@@ -18,7 +18,7 @@ use super::{
 const K: u32 = 100;
 
 /// (hotloop mode, probe groups, what the difference measures).
-const CASES: [(&str, &str, &str); 5] = [
+const CASES: [(&str, &str, &str); 6] = [
     ("epoll", "loop", "one loop iteration: `epoll_wait(0)` returning one event"),
     // No program runs on getppid here: what is left is the kernel's slower syscall path,
     // switched on for every task while any syscall tracepoint is attached.
@@ -26,7 +26,8 @@ const CASES: [(&str, &str, &str); 5] = [
     // The syscalls group probes no syscall: this is what remains of it per call.
     ("getppid", "loop,syscalls", "`getppid` with the syscalls group (sampled, no probe per call)"),
     ("madvise", "loop,purge", "`madvise(MADV_NORMAL)` on one page (purge tracepoints)"),
-    ("realloc", "loop,alloc", "libc `realloc` 64 <-> 128 bytes (uprobe + uretprobe)"),
+    ("realloc", "loop,alloc", "libc `realloc` 64 <-> 128 bytes (alloc group: sampled, no probe per call)"),
+    ("realloc", "loop,alloc --alloc-calls", "libc `realloc` 64 <-> 128 bytes (--alloc-calls: uprobe + uretprobe)"),
 ];
 
 /// ns per unit (iteration for epoll, operation otherwise) by (case index, traced).

@@ -14,8 +14,14 @@ use super::{
     tracers::{self, Variant},
 };
 
-pub const VARIANTS: [Variant; 5] =
-    [Variant::Untraced, Variant::Stalltrace("default"), Variant::Daemon, Variant::Stalltrace("all"), Variant::Bpftrace];
+pub const VARIANTS: [Variant; 6] = [
+    Variant::Untraced,
+    Variant::Stalltrace("default"),
+    Variant::Daemon,
+    Variant::Stalltrace("all"),
+    Variant::Stalltrace(tracers::ALL_ALLOC_CALLS),
+    Variant::Bpftrace,
+];
 
 /// A tracer's CPU share (% of one CPU) and resident memory, one entry per benchmark run.
 pub type LoadFootprint = BTreeMap<String, Vec<(f64, u64)>>;
@@ -134,7 +140,7 @@ fn section(ctx: &Ctx, ns: &[u64], samples: &Samples, raw: Vec<String>) -> Sectio
     }
     let mut commands = vec![redis::Redis::command_line()];
     commands.extend(WORKLOADS.iter().zip(ns).map(|(w, &n)| w.command_line(n)));
-    commands.push("stalltrace -p PID --json > out.jsonl   # and with --probes all".into());
+    commands.push("stalltrace -p PID --json > out.jsonl   # and with --probes all, and --probes all --alloc-calls".into());
     commands.push("bpftrace script.bt   # the script above".into());
     Section {
         title: "Redis throughput under tracing".into(),
@@ -146,7 +152,11 @@ fn section(ctx: &Ctx, ns: &[u64], samples: &Samples, raw: Vec<String>) -> Sectio
              the four invocations and detaches after. Cells are medians over the rounds; ratio \
              is against untraced. The bpftrace variant runs the script below: madvise and epoll_wait \
              durations, the realloc uprobe pair and off-CPU time, like parts of stalltrace's purge, \
-             loop, alloc and sched groups (stalltrace's syscalls group probes no syscall: it samples). \
+             loop, alloc and sched groups. stalltrace's syscalls group probes no syscall and its \
+             alloc group no allocator function: both learn from the sampler's stacks of stalled \
+             iterations. `--alloc-calls` puts the same realloc uprobe pair as bpftrace's on \
+             instead, for exact per-call allocator latency: the column beside bpftrace's shows \
+             what that costs. \
              The second table sums the stalltrace variants' summaries over their sessions: stall \
              and stack records sent, and lost for want of ring-buffer space. That the default \
              groups still name an allocator purge `allocator_purge` on this redis-server is the \

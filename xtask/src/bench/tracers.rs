@@ -16,10 +16,13 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 const SLOW_STOP: Duration = Duration::from_secs(5);
 
+/// Every group, with the allocator timed per call by uprobes rather than sampled.
+pub const ALL_ALLOC_CALLS: &str = "all --alloc-calls";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     Untraced,
-    /// `stalltrace -p PID --probes <groups>`.
+    /// `stalltrace -p PID --probes <groups> [more options]`.
     Stalltrace(&'static str),
     Bpftrace,
     /// `stalltrace daemon` with a config naming the PID.
@@ -45,7 +48,7 @@ impl Variant {
                 // JSON to a file: its summary says whether any record was lost under the load.
                 let out = std::fs::File::create(json_path(pid, groups)).context("stalltrace's output file")?;
                 let mut cmd = Command::new(stalltrace);
-                cmd.args(["-p", &pid.to_string(), "--probes", groups, "--json"]).stdout(out);
+                cmd.args(["-p", &pid.to_string(), "--probes"]).args(groups.split_whitespace()).arg("--json").stdout(out);
                 start_stalltrace(cmd).map(Some)
             }
             Variant::Bpftrace => start_bpftrace(pid).map(Some),
@@ -55,7 +58,8 @@ impl Variant {
 }
 
 fn json_path(pid: u32, groups: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("stalltrace-bench-{pid}-{groups}.jsonl"))
+    let name: String = groups.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    std::env::temp_dir().join(format!("stalltrace-bench-{pid}-{name}.jsonl"))
 }
 
 impl Variant {
