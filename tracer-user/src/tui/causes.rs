@@ -94,7 +94,9 @@ fn draw_memory(f: &mut Frame, area: Rect, app: &App) {
             human_bytes(app.purge_bytes())
         )),
         Line::from(if alloc.count == 0 {
-            "alloc: per call with --alloc-calls".to_string()
+            // Sampled mode: no call is timed, only stall time found inside the allocator.
+            let sampled: u64 = app.stalls.iter().map(|s| s.alloc.ns).sum();
+            format!("alloc ~{} in stalls", human_ns(sampled))
         } else {
             format!("alloc {}x p99 {} max {}", alloc.count, human_ns(alloc.p99_ns), human_ns(alloc.max_ns))
         }),

@@ -95,7 +95,8 @@ fn measure(ctx: &Ctx, opts: &Options, neighbours: &mut Neighbours) -> Result<Vec
         progress("calibrating redis-benchmark");
         let ns = redis::calibrate(&redis, ctx.redis_secs)?;
         if opts.wants("redis") {
-            progress("redis throughput: untraced, stalltrace, stalltrace --probes all, bpftrace");
+            let labels: Vec<String> = redis_cost::VARIANTS.iter().map(|v| v.label()).collect();
+            progress(&format!("redis throughput: {}", labels.join(", ")));
             let (section, footprint) = redis_cost::measure(ctx, &redis, &ns)?;
             sections.push(section);
             load = Some(footprint);
