@@ -33,6 +33,7 @@ const SCRIPT: &[(&str, u64)] = &[
     ("FILL 512", 400),
     ("SHRINK", 800),
     ("SLEEP 120", 800),
+    ("CHURN 150", 800),
     ("STORM", 800),
     ("PING", 500),
 ];
