@@ -146,9 +146,8 @@ impl Stall {
 pub fn attribute(ev: &StallEvent, split: AllocSplit) -> Stall {
     let p = &with_sampled_alloc(ev, split);
     let duration = ev.duration_ns.max(1);
-    let purge = p.madvise_ns + p.munmap_ns + p.mremap_ns + p.alloc_ns;
-    let off_cpu = p.runnable_ns + p.blocked_ns;
-    let measured = purge + off_cpu + p.syscall_ns + p.conn_ns;
+    let (purge, off_cpu) = (purge_ns(p), off_cpu_ns(p));
+    let measured = measured_ns(p);
     let mut app = duration.saturating_sub(measured);
     let mut conn = p.conn_ns;
     if p.accepts >= BURST_ACCEPTS {
@@ -218,10 +217,22 @@ fn with_sampled_alloc(ev: &StallEvent, split: AllocSplit) -> Components {
     if split.samples == 0 {
         return p;
     }
-    let measured = p.madvise_ns + p.munmap_ns + p.mremap_ns + p.alloc_ns + p.runnable_ns + p.blocked_ns + p.syscall_ns + p.conn_ns;
-    let unexplained = ev.duration_ns.saturating_sub(measured);
+    let unexplained = ev.duration_ns.saturating_sub(measured_ns(&p));
     p.alloc_ns += (u128::from(unexplained) * u128::from(split.in_allocator) / u128::from(split.samples)) as u64;
     p
+}
+
+fn purge_ns(p: &Components) -> u64 {
+    p.madvise_ns + p.munmap_ns + p.mremap_ns + p.alloc_ns
+}
+
+fn off_cpu_ns(p: &Components) -> u64 {
+    p.runnable_ns + p.blocked_ns
+}
+
+/// Time some probe accounts for; the rest of a stall is the application's own code.
+fn measured_ns(p: &Components) -> u64 {
+    purge_ns(p) + off_cpu_ns(p) + p.syscall_ns + p.conn_ns
 }
 
 fn top_syscalls(nrs: &[u32; TOP_SYSCALLS], ns: &[u64; TOP_SYSCALLS]) -> Vec<(String, u64)> {
