@@ -6,8 +6,11 @@ use aya_ebpf::{
 };
 use tracer_common::{IterHist, ThreadState, counter};
 
+/// Loop threads of the one target: 4096 is far more than any event-loop server runs, and
+/// userspace walks every bucket of it once a second (`probes::sparse`). A thread that does
+/// not fit is counted (`THREADS_FULL`) and reported.
 #[map]
-pub static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(16384, 0);
+pub static THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 pub static ITER_HIST: HashMap<u32, IterHist> = HashMap::with_max_entries(16384, 0);

@@ -59,6 +59,9 @@ pub struct App {
     /// Stack samples the ring buffer could not take, and those received.
     pub lost_stacks: u64,
     pub stacks_received: u64,
+    /// Loop threads the kernel could not track (its thread table was full): their stalls are
+    /// not seen, which the summary must say.
+    pub untracked_threads: u64,
     pub storms: Vec<Storm>,
     pub listeners: Vec<ListenerView>,
     /// The starvation going on now, if any, and how many have been seen.
@@ -80,6 +83,7 @@ impl App {
             lost: 0,
             lost_stacks: 0,
             stacks_received: 0,
+            untracked_threads: 0,
             storms: Vec::new(),
             listeners: Vec::new(),
             starving: None,

@@ -46,6 +46,7 @@ struct Summary<'a> {
     stacks: u64,
     starvations: u64,
     lost_stacks: u64,
+    untracked_threads: u64,
     threads: Vec<ThreadSummary<'a>>,
     listeners: Vec<ListenerSummary>,
     /// TcpExtListenOverflows of the target's namespace over the session: the cross-check for
@@ -107,7 +108,7 @@ pub fn run(session: &mut Session, format: Format, interval: Option<Duration>) ->
             next_tick = Some(tick + every);
         }
     };
-    session.refresh()?;
+    session.refresh_all()?;
     for e in session.drain(true) {
         reporter.event(&e);
     }
@@ -306,6 +307,7 @@ impl Reporter {
                     stacks: app.stacks_received,
                     starvations: app.starvations,
                     lost_stacks: app.lost_stacks,
+                    untracked_threads: app.untracked_threads,
                     threads,
                     listeners,
                     netns_listen_overflows: net.as_ref().map(|(_, n)| *n),
@@ -331,6 +333,9 @@ fn summary_text(app: &App, traced_ns: u64) -> String {
     );
     for (verdict, n) in &app.by_verdict {
         out += &format!("   {:<16} {n}\n", verdict.as_str());
+    }
+    if app.untracked_threads > 0 {
+        out += &format!("   {} loop threads not traced: the kernel's thread table was full\n", app.untracked_threads);
     }
     if app.threads.is_empty() {
         out += "   no event-loop thread seen (no thread returned from epoll_wait/epoll_pwait)\n";

@@ -1,6 +1,7 @@
 //! One tracing session: the attached probes, the ring buffer of stall records, and the
 //! refreshes that copy the kernel's histograms and in-progress iterations into the `App`.
 use std::{
+    cell::Cell,
     os::fd::AsRawFd as _,
     sync::{
         Arc,
@@ -21,7 +22,7 @@ use crate::{
         AFTER_STALL_NS, NetDelta, NetMonitor,
         storm::{Storm, StormDetector},
     },
-    probes::{ProbeConfig, Probes},
+    probes::{ProbeConfig, Probes, sparse::SparseKeys},
     report::clock_ns,
     stacks::{
         allocator::AllocatorFrames,
@@ -52,6 +53,9 @@ pub enum Event {
 const STARVE_POLL: Duration = Duration::from_millis(500);
 /// How often a sleeping loop thread in a stalled iteration has its stack read.
 const BLOCKED_EVERY: Duration = Duration::from_millis(100);
+/// Reading /proc/PID/stat walks the target's threads: twice a second notices an exit soon
+/// enough.
+const ALIVE_EVERY: Duration = Duration::from_millis(500);
 
 /// The net group's part of a session.
 struct Net {
@@ -74,6 +78,9 @@ pub struct Session {
     pub app: App,
     stop: Arc<AtomicBool>,
     deadline: Option<Instant>,
+    alive_due: Cell<Instant>,
+    thread_keys: SparseKeys,
+    hist_keys: SparseKeys,
 }
 
 impl Session {
@@ -100,7 +107,22 @@ impl Session {
         // No probe sees a syscall's exit: a sleeping loop thread's stack is read from /proc
         // while its iteration is past the threshold (running ones are sampled in the kernel).
         let blocked_due = stacks.is_some().then(Instant::now);
-        Ok(Self { probes, ring, target, net, stacks, blocked_due, starvation, app, stop, deadline })
+        let (alive_due, thread_keys, hist_keys) = (Cell::new(Instant::now()), SparseKeys::default(), SparseKeys::default());
+        Ok(Self {
+            probes,
+            ring,
+            target,
+            net,
+            stacks,
+            blocked_due,
+            starvation,
+            app,
+            stop,
+            deadline,
+            alive_due,
+            thread_keys,
+            hist_keys,
+        })
     }
 
     pub fn banner(&self) -> String {
@@ -125,10 +147,11 @@ impl Session {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Some("duration reached".into());
         }
-        if !self.target.is_alive() {
-            return Some(format!("PID {} exited", self.target.pid));
+        if Instant::now() < self.alive_due.get() {
+            return None;
         }
-        None
+        self.alive_due.set(Instant::now() + ALIVE_EVERY);
+        (!self.target.is_alive()).then(|| format!("PID {} exited", self.target.pid))
     }
 
     pub fn request_stop(&self) {
@@ -215,12 +238,20 @@ impl Session {
         self.net.as_ref().map(|n| n.monitor.totals())
     }
 
+    /// `refresh`, sure to see every thread: for a summary.
+    pub fn refresh_all(&mut self) -> Result<()> {
+        self.thread_keys.forget();
+        self.hist_keys.forget();
+        self.refresh()
+    }
+
     /// Copies the kernel's histograms, in-progress iterations and lost count into the App.
     pub fn refresh(&mut self) -> Result<()> {
         self.app.threads = self.thread_views()?;
         self.app.in_progress = self.in_progress()?;
         self.app.lost = self.probes.lost_stalls();
         self.app.lost_stacks = self.probes.lost_stacks();
+        self.app.untracked_threads = self.probes.untracked_threads();
         self.app.stacks_received = self.stacks.as_ref().map_or(0, |c| c.received);
         self.refresh_listeners();
         Ok(())
@@ -233,13 +264,14 @@ impl Session {
         }
     }
 
-    fn thread_views(&self) -> Result<Vec<ThreadView>> {
+    fn thread_views(&mut self) -> Result<Vec<ThreadView>> {
         let map: HashMap<_, u32, IterHist> =
             HashMap::try_from(self.probes.ebpf.map(maps::ITER_HIST).context("ITER_HIST map")?)?;
-        let mut views: Vec<ThreadView> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, h)| h.tgid == self.target.pid)
+        let pid = self.target.pid;
+        let mut views: Vec<ThreadView> = self
+            .hist_keys
+            .read(&map, |h| h.tgid == pid)
+            .into_iter()
             .map(|(tid, h)| ThreadView {
                 tid,
                 comm: comm_str(&h.comm),
@@ -268,24 +300,26 @@ impl Session {
     }
 
     /// (tid, iteration start, elapsed) of every iteration past the threshold right now.
-    fn stalled_iterations(&self) -> Result<Vec<(u32, u64, u64)>> {
+    fn stalled_iterations(&mut self) -> Result<Vec<(u32, u64, u64)>> {
         let map: HashMap<_, u32, ThreadState> =
             HashMap::try_from(self.probes.ebpf.map(maps::THREADS).context("THREADS map")?)?;
         let now = clock_ns(libc::CLOCK_MONOTONIC);
-        Ok(map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, s)| s.tgid == self.target.pid && s.iter_start_ns != 0)
+        let pid = self.target.pid;
+        Ok(self
+            .thread_keys
+            .read(&map, |s| s.tgid == pid)
+            .into_iter()
+            .filter(|(_, s)| s.iter_start_ns != 0)
             .map(|(tid, s)| (tid, s.iter_start_ns, now.saturating_sub(s.iter_start_ns)))
             .filter(|&(_, _, elapsed)| elapsed >= self.app.threshold_ns)
             .collect())
     }
 
     /// Iterations running longer than the threshold right now: a stall shows while it lasts.
-    fn in_progress(&self) -> Result<Vec<InProgress>> {
+    fn in_progress(&mut self) -> Result<Vec<InProgress>> {
+        let stalled = self.stalled_iterations()?;
         let comm_of = |tid: u32| self.app.threads.iter().find(|t| t.tid == tid).map(|t| t.comm.clone());
-        Ok(self
-            .stalled_iterations()?
+        Ok(stalled
             .into_iter()
             .map(|(tid, _, elapsed_ns)| InProgress { tid, comm: comm_of(tid).unwrap_or_default(), elapsed_ns })
             .collect())

@@ -1,6 +1,7 @@
 //! Loading the kernel programs and attaching them, one probe group at a time.
 pub mod alloc;
 pub mod btf;
+pub mod sparse;
 pub mod tracefs;
 
 use std::num::NonZeroU32;
@@ -433,6 +434,10 @@ impl Probes {
 
     pub fn lost_stacks(&self) -> u64 {
         self.counter(counter::LOST_STACKS).unwrap_or(0)
+    }
+
+    pub fn untracked_threads(&self) -> u64 {
+        self.counter(counter::THREADS_FULL).unwrap_or(0)
     }
 }
 
