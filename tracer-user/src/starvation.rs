@@ -101,8 +101,6 @@ struct ThreadNow {
     tid: u32,
     comm: String,
     asleep: bool,
-    wait: String,
-    blocked: Option<parked::Blocked>,
     since_ns: u64,
     park: ParkState,
 }
@@ -213,9 +211,7 @@ impl StarvationMonitor {
             (true, 0) => *self.seen_asleep.entry(tid).or_insert(now),
             (true, t) => t,
         };
-        let blocked = if asleep { parked::blocked(self.pid, tid) } else { None };
-        let wait = blocked.map_or_else(|| "unknown".to_string(), |b| wait_name(&b));
-        Some(ThreadNow { tid, comm, asleep, wait, blocked, since_ns, park })
+        Some(ThreadNow { tid, comm, asleep, since_ns, park })
     }
 
     /// Whether some group has enough threads asleep to be starved now or within the threshold.
@@ -296,20 +292,22 @@ impl StarvationMonitor {
         })
     }
 
-    /// Parked threads by what they wait on, with one stack per wait object.
+    /// Parked threads by what they wait on, with one stack per wait object. Read only for a
+    /// starved group: every poll reading every sleeping thread's registers was most of
+    /// stalltrace's own CPU on a quiet server.
     fn waits(&mut self, parked: &[&&ThreadNow]) -> Vec<Wait> {
-        let mut by_wait: BTreeMap<&str, Vec<&ThreadNow>> = BTreeMap::new();
+        let mut by_wait: BTreeMap<String, (Option<parked::Blocked>, Vec<u32>)> = BTreeMap::new();
         for t in parked {
-            by_wait.entry(&t.wait).or_default().push(t);
+            let blocked = parked::blocked(self.pid, t.tid);
+            let wait = blocked.map_or_else(|| "unknown".to_string(), |b| wait_name(&b));
+            by_wait.entry(wait).or_insert((blocked, Vec::new())).1.push(t.tid);
         }
         by_wait
             .into_iter()
-            .map(|(wait, ts)| {
-                let stack = ts[0]
-                    .blocked
-                    .map(|b| parked::stack(self.pid, &b, &mut self.unwinder, &mut self.symbols))
-                    .unwrap_or_default();
-                Wait { wait: wait.to_string(), threads: ts.len(), tids: ts.iter().map(|t| t.tid).collect(), stack }
+            .map(|(wait, (blocked, tids))| {
+                let stack =
+                    blocked.map(|b| parked::stack(self.pid, &b, &mut self.unwinder, &mut self.symbols)).unwrap_or_default();
+                Wait { wait, threads: tids.len(), tids, stack }
             })
             .collect()
     }
