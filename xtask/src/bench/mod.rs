@@ -8,6 +8,7 @@
 //! one writes target/BENCHMARKS.dev.md (or `--out PATH`), so development never replaces it.
 mod bpfstats;
 mod footprint;
+mod host_speed;
 mod hotloop;
 mod ingest;
 mod kernel_cost;
@@ -230,7 +231,9 @@ fn header(ctx: &Ctx, command: &str, took: Duration, load_before: &str, neighbour
          - Load average before / after: {load_before} / {load_after}\n\
          - Tracing BPF programs of other processes: {neighbours}\n\
          - Disturbed runs: {repeated} repeated because other processes used more than {limit}% of a \
-         CPU meanwhile; {kept} kept although still disturbed (marked DISTURBED in the appendix)\n\n\
+         CPU meanwhile, or a fixed spin on some CPU just before or after took more than {host_limit}x \
+         the fastest of the session (the host under this VM busy elsewhere: it reports no steal \
+         time); {kept} kept although still disturbed (marked DISTURBED in the appendix)\n\n\
          A shared, noisy virtual machine: compare columns within a table (measured in the same \
          rounds, in rotated order), not with numbers from another machine or run.\n",
         date = first_line(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -244,6 +247,7 @@ fn header(ctx: &Ctx, command: &str, took: Duration, load_before: &str, neighbour
         neighbours = neighbours.describe(),
         repeated = ctx.tally.repeated.get(),
         limit = quiet::LIMIT_PCT,
+        host_limit = host_speed::LIMIT,
         kept = ctx.tally.kept_disturbed.get(),
     ))
 }

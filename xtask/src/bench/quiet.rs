@@ -1,7 +1,8 @@
 //! Was the machine ours during a run? On a shared 2-CPU machine a compile or a test suite
 //! next door halves Redis's throughput for minutes, in whatever variant happens to be running,
-//! and no number of rounds medians that away. So every run measures the CPU that processes
-//! other than the bench and its children used meanwhile, and a disturbed run is repeated.
+//! and no number of rounds medians that away; so does a busy host under the VM. So every run
+//! measures the CPU that processes other than the bench and its children used meanwhile, and
+//! the host's speed before and after (`host_speed`), and a disturbed run is repeated.
 use std::{
     cell::Cell,
     thread,
@@ -10,7 +11,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use super::procs;
+use super::{
+    host_speed::{self, HostSpeed},
+    procs,
+};
 
 /// Other processes' CPU, in % of one CPU over the run, above which a run is repeated.
 pub const LIMIT_PCT: f64 = 10.0;
@@ -18,27 +22,35 @@ const ATTEMPTS: usize = 4;
 /// Pause before a repeat, so that a burst next door can end.
 const BACKOFF: Duration = Duration::from_secs(5);
 
-/// How many runs were repeated, and how many were kept although still disturbed.
+/// The host's speed, how many runs were repeated, and how many were kept although still
+/// disturbed.
 #[derive(Default)]
 pub struct Tally {
+    pub host: HostSpeed,
     pub repeated: Cell<u32>,
     pub kept_disturbed: Cell<u32>,
 }
 
-/// A run's result and the foreign CPU (% of one CPU) during it.
+/// A run's result, the foreign CPU (% of one CPU) during it, and how much slower than its
+/// best the host was around it.
 pub struct Quiet<T> {
     pub value: T,
     pub foreign_pct: f64,
+    pub host_slowdown: f64,
 }
 
 impl<T> Quiet<T> {
-    /// For raw lines: empty when the run was quiet.
+    fn disturbed(&self) -> bool {
+        self.foreign_pct > LIMIT_PCT || self.host_slowdown > host_speed::LIMIT
+    }
+
+    fn why(&self) -> String {
+        format!("others used {:.1}% CPU, host {:.3}x its best", self.foreign_pct, self.host_slowdown)
+    }
+
+    /// For raw lines.
     pub fn note(&self) -> String {
-        if self.foreign_pct > LIMIT_PCT {
-            format!(" | DISTURBED: others used {:.0}% CPU", self.foreign_pct)
-        } else {
-            format!(" | others {:.1}% CPU", self.foreign_pct)
-        }
+        if self.disturbed() { format!(" | DISTURBED: {}", self.why()) } else { format!(" | {}", self.why()) }
     }
 }
 
@@ -46,19 +58,21 @@ impl<T> Quiet<T> {
 /// (and counted in `tally`). `what` names the run in the messages.
 pub fn run<T>(tally: &Tally, what: &str, mut f: impl FnMut() -> Result<T>) -> Result<Quiet<T>> {
     for attempt in 1.. {
+        let slow_before = tally.host.slowdown();
         let before = CpuClock::now()?;
         let value = f()?;
         let foreign_pct = before.foreign_pct()?;
-        let quiet = Quiet { value, foreign_pct };
-        if foreign_pct <= LIMIT_PCT {
+        let host_slowdown = slow_before.max(tally.host.slowdown());
+        let quiet = Quiet { value, foreign_pct, host_slowdown };
+        if !quiet.disturbed() {
             return Ok(quiet);
         }
         if attempt == ATTEMPTS {
-            eprintln!("xtask bench: {what}: others used {foreign_pct:.0}% CPU in all {ATTEMPTS} attempts; keeping the last");
+            eprintln!("xtask bench: {what}: {} in all {ATTEMPTS} attempts; keeping the last", quiet.why());
             tally.kept_disturbed.set(tally.kept_disturbed.get() + 1);
             return Ok(quiet);
         }
-        eprintln!("xtask bench: {what}: others used {foreign_pct:.0}% CPU; repeating");
+        eprintln!("xtask bench: {what}: {}; repeating", quiet.why());
         tally.repeated.set(tally.repeated.get() + 1);
         thread::sleep(BACKOFF * attempt as u32);
     }
