@@ -231,7 +231,7 @@ fn header(ctx: &Ctx, command: &str, took: Duration, load_before: &str, neighbour
          - Load average before / after: {load_before} / {load_after}\n\
          - Tracing BPF programs of other processes: {neighbours}\n\
          - Disturbed runs: {repeated} repeated because other processes used more than {limit}% of a \
-         CPU meanwhile, or a fixed spin on some CPU just before or after took more than {host_limit}x \
+         CPU meanwhile, or a fixed spin on some CPU right after took more than {host_limit}x \
          the fastest of the session (the host under this VM busy elsewhere: it reports no steal \
          time); {kept} kept although still disturbed (marked DISTURBED in the appendix)\n\n\
          A shared, noisy virtual machine: compare columns within a table (measured in the same \

@@ -2,7 +2,7 @@
 //! next door halves Redis's throughput for minutes, in whatever variant happens to be running,
 //! and no number of rounds medians that away; so does a busy host under the VM. So every run
 //! measures the CPU that processes other than the bench and its children used meanwhile, and
-//! the host's speed before and after (`host_speed`), and a disturbed run is repeated.
+//! the host's speed right after (`host_speed`), and a disturbed run is repeated.
 use std::{
     cell::Cell,
     thread,
@@ -32,7 +32,7 @@ pub struct Tally {
 }
 
 /// A run's result, the foreign CPU (% of one CPU) during it, and how much slower than its
-/// best the host was around it.
+/// best the host was right after it.
 pub struct Quiet<T> {
     pub value: T,
     pub foreign_pct: f64,
@@ -58,12 +58,10 @@ impl<T> Quiet<T> {
 /// (and counted in `tally`). `what` names the run in the messages.
 pub fn run<T>(tally: &Tally, what: &str, mut f: impl FnMut() -> Result<T>) -> Result<Quiet<T>> {
     for attempt in 1.. {
-        let slow_before = tally.host.slowdown();
         let before = CpuClock::now()?;
         let value = f()?;
         let foreign_pct = before.foreign_pct()?;
-        let host_slowdown = slow_before.max(tally.host.slowdown());
-        let quiet = Quiet { value, foreign_pct, host_slowdown };
+        let quiet = Quiet { value, foreign_pct, host_slowdown: tally.host.slowdown() };
         if !quiet.disturbed() {
             return Ok(quiet);
         }
