@@ -107,7 +107,6 @@ impl Session {
         // No probe sees a syscall's exit: a sleeping loop thread's stack is read from /proc
         // while its iteration is past the threshold (running ones are sampled in the kernel).
         let blocked_due = stacks.is_some().then(Instant::now);
-        let (alive_due, thread_keys, hist_keys) = (Cell::new(Instant::now()), SparseKeys::default(), SparseKeys::default());
         Ok(Self {
             probes,
             ring,
@@ -119,9 +118,9 @@ impl Session {
             app,
             stop,
             deadline,
-            alive_due,
-            thread_keys,
-            hist_keys,
+            alive_due: Cell::new(Instant::now()),
+            thread_keys: SparseKeys::default(),
+            hist_keys: SparseKeys::default(),
         })
     }
 

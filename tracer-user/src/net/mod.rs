@@ -28,7 +28,7 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 const KEEP_SAMPLES: usize = 12_000;
 /// While nothing moves on the target's listeners (empty accept queues, no counter changing)
 /// a sample every 100 ms instead: the counters are cumulative, so a window's deltas stay
-/// exact, and a wakeup costs this VM ~0.2 ms of CPU: the sampler's were most of
+/// exact, and a wakeup costs this VM ~0.1 ms of CPU: the sampler's were most of
 /// stalltrace's own CPU on an idle or steady server.
 const QUIET_EVERY: Duration = Duration::from_millis(100);
 /// How often the target's socket inodes are re-read and its listeners found by a full dump:
