@@ -10,6 +10,7 @@ mod bpfstats;
 mod footprint;
 mod host_speed;
 mod hotloop;
+mod idle;
 mod ingest;
 mod kernel_cost;
 mod latency;
@@ -71,10 +72,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let started = Instant::now();
     let load_before = loadavg();
     let mut neighbours = Neighbours::default();
+    let idle = idle::hold();
     let sections = measure(&ctx, &opts, &mut neighbours)?;
     neighbours.check();
     let command = std::iter::once("cargo xtask bench").chain(args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ");
-    let header = header(&ctx, &command, started.elapsed(), &load_before, &neighbours)?;
+    let header = header(&ctx, &command, started.elapsed(), &load_before, &neighbours, &idle.description)?;
     let full = !opts.quick && opts.only.is_empty();
     let out = opts.out.clone().unwrap_or_else(|| {
         workspace_root().join(if full { "BENCHMARKS.md" } else { "target/BENCHMARKS.dev.md" })
@@ -214,7 +216,7 @@ impl Neighbours {
     }
 }
 
-fn header(ctx: &Ctx, command: &str, took: Duration, load_before: &str, neighbours: &Neighbours) -> Result<String> {
+fn header(ctx: &Ctx, command: &str, took: Duration, load_before: &str, neighbours: &Neighbours, idle: &str) -> Result<String> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")?
         .lines()
         .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim().to_string()))
@@ -229,6 +231,7 @@ fn header(ctx: &Ctx, command: &str, took: Duration, load_before: &str, neighbour
          - stalltrace: `target/release/stalltrace` (the commands below call it `stalltrace`), git {rev}\n\
          - {redis}; {bpftrace}\n\
          - Load average before / after: {load_before} / {load_after}\n\
+         - Idle CPUs: {idle}\n\
          - Tracing BPF programs of other processes: {neighbours}\n\
          - Disturbed runs: {repeated} repeated because other processes used more than {limit}% of a \
          CPU meanwhile, or a fixed spin on some CPU right after took more than {host_limit}x \

@@ -26,14 +26,17 @@ pub const VARIANTS: [Variant; 6] = [
 /// A tracer's CPU share (% of one CPU) and resident memory, one entry per benchmark run.
 pub type LoadFootprint = BTreeMap<String, Vec<(f64, u64)>>;
 
-/// rps samples by row and variant label. Rows sort by (pipeline, order of the test), so that
-/// the -P 1 rows come first.
+/// Samples by row and variant label. Rows sort by (pipeline, order of the test), so that the
+/// -P 1 rows come first.
 type Samples = BTreeMap<(u32, usize, String), BTreeMap<String, Vec<f64>>>;
 
 /// Everything the rounds collect.
 #[derive(Default)]
 struct Results {
+    /// rps of every run.
     samples: Samples,
+    /// Per traced run, its rps over the mean of the untraced runs just before and just after.
+    ratios: Samples,
     load: LoadFootprint,
     raw: Vec<String>,
     /// Per stalltrace variant, summed over its sessions: stall records, stall records lost,
@@ -41,34 +44,23 @@ struct Results {
     records: BTreeMap<String, [u64; 4]>,
 }
 
+/// A shared VM's speed drifts within seconds (consecutive 2 s tests correlate at about 0.6),
+/// so each traced run is compared with the untraced runs on either side of it, seconds
+/// away, rather than with untraced runs minutes away.
 pub fn measure(ctx: &Ctx, redis: &Redis, ns: &[u64]) -> Result<(Section, LoadFootprint)> {
     let mut results = Results::default();
     for round in 0..ctx.rounds {
-        for v in report::rotated(&VARIANTS, round) {
-            let tracer = v.attach(&ctx.stalltrace, redis.pid())?;
-            for (wi, (w, &n)) in WORKLOADS.iter().zip(ns).enumerate() {
-                let what = format!("{} {}", v.label(), w.label());
-                let run = quiet::run(&ctx.tally, &what, || {
-                    redis.flush()?;
-                    let cpu_before = tracer.as_ref().map(|t| procs::cpu_ns(t.pid())).transpose()?;
-                    let run = redis::run_benchmark(redis.port, w, n)?;
-                    let foot = match (&tracer, cpu_before) {
-                        (Some(t), Some(before)) => Some(footprint(t, before, run.wall_secs)?),
-                        _ => None,
-                    };
-                    Ok((run, foot))
-                })?;
-                results.record(round, v, wi, n, run);
-            }
-            if let Some(t) = tracer {
-                tracers::stop(t)?;
-            }
-            if let Some(summary) = v.summary(redis.pid()) {
-                results.count_records(v, &summary);
+        for (wi, &n) in ns.iter().enumerate() {
+            let mut before = results.run(ctx, redis, round, Variant::Untraced, wi, n)?;
+            for v in report::rotated(&VARIANTS[1..], round + wi) {
+                let traced = results.run(ctx, redis, round, v, wi, n)?;
+                let after = results.run(ctx, redis, round, Variant::Untraced, wi, n)?;
+                results.pair(wi, v, &traced, &before, &after);
+                before = after;
             }
         }
     }
-    let mut section = section(ctx, ns, &results.samples, results.raw);
+    let mut section = section(ctx, ns, &results);
     section.tables.push(records_table(&results.records));
     Ok((section, results.load))
 }
@@ -91,7 +83,31 @@ impl Results {
         }
     }
 
-    fn record(&mut self, round: usize, v: Variant, wi: usize, n: u64, quiet: Quiet<(redis::BenchRun, Option<(f64, u64)>)>) {
+    /// One redis-benchmark invocation of workload `wi` under `v`, attached just for it.
+    fn run(&mut self, ctx: &Ctx, redis: &Redis, round: usize, v: Variant, wi: usize, n: u64) -> Result<Vec<(String, f64)>> {
+        let w = &WORKLOADS[wi];
+        let tracer = v.attach(&ctx.stalltrace, redis.pid())?;
+        let what = format!("{} {}", v.label(), w.label());
+        let quiet = quiet::run(&ctx.tally, &what, || {
+            redis.flush()?;
+            let cpu_before = tracer.as_ref().map(|t| procs::cpu_ns(t.pid())).transpose()?;
+            let run = redis::run_benchmark(redis.port, w, n)?;
+            let foot = match (&tracer, cpu_before) {
+                (Some(t), Some(before)) => Some(footprint(t, before, run.wall_secs)?),
+                _ => None,
+            };
+            Ok((run, foot))
+        })?;
+        if let Some(t) = tracer {
+            tracers::stop(t)?;
+        }
+        if let Some(summary) = v.summary(redis.pid()) {
+            self.count_records(v, &summary);
+        }
+        Ok(self.record(round, v, wi, n, quiet))
+    }
+
+    fn record(&mut self, round: usize, v: Variant, wi: usize, n: u64, quiet: Quiet<(redis::BenchRun, Option<(f64, u64)>)>) -> Vec<(String, f64)> {
         let note = quiet.note();
         let (run, foot) = quiet.value;
         let w = &WORKLOADS[wi];
@@ -107,11 +123,23 @@ impl Results {
         if let Some(f) = foot {
             self.load.entry(v.label()).or_default().push(f);
         }
-        for (ti, (test, rps)) in run.rps.into_iter().enumerate() {
-            let key = (w.pipeline, wi * 2 + ti, format!("{test} -P {}", w.pipeline));
-            self.samples.entry(key).or_default().entry(v.label()).or_default().push(rps);
+        for (ti, (test, rps)) in run.rps.iter().enumerate() {
+            self.samples.entry(row_key(wi, ti, test)).or_default().entry(v.label()).or_default().push(*rps);
+        }
+        run.rps
+    }
+
+    fn pair(&mut self, wi: usize, v: Variant, traced: &[(String, f64)], before: &[(String, f64)], after: &[(String, f64)]) {
+        for (ti, ((test, rps), (_, b), (_, a))) in traced.iter().zip(before).zip(after).map(|((t, b), a)| (t, b, a)).enumerate() {
+            let ratio = rps / ((b + a) / 2.0);
+            self.ratios.entry(row_key(wi, ti, test)).or_default().entry(v.label()).or_default().push(ratio);
         }
     }
+}
+
+fn row_key(wi: usize, ti: usize, test: &str) -> (u32, usize, String) {
+    let pipeline = WORKLOADS[wi].pipeline;
+    (pipeline, wi * 2 + ti, format!("{test} -P {pipeline}"))
 }
 
 /// CPU % of one CPU since `cpu_before` over `wall_secs`, and RSS in KiB, of a tracer.
@@ -120,7 +148,7 @@ fn footprint(tracer: &Proc, cpu_before: u64, wall_secs: f64) -> Result<(f64, u64
     Ok((100.0 * cpu / wall_secs, procs::rss_kib(tracer.pid())?))
 }
 
-fn section(ctx: &Ctx, ns: &[u64], samples: &Samples, raw: Vec<String>) -> Section {
+fn section(ctx: &Ctx, ns: &[u64], results: &Results) -> Section {
     let labels: Vec<String> = VARIANTS.iter().map(|v| v.label()).collect();
     let mut header = vec!["test".to_string(), format!("{} rps", labels[0])];
     for l in &labels[1..] {
@@ -128,13 +156,13 @@ fn section(ctx: &Ctx, ns: &[u64], samples: &Samples, raw: Vec<String>) -> Sectio
         header.push("ratio".into());
     }
     let mut table = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
-    for ((_, _, test), by_variant) in samples {
-        let med = |l: &String| report::median(by_variant.get(l).map_or(&[][..], Vec::as_slice));
-        let base = med(&labels[0]);
-        let mut row = vec![test.clone(), report::int(base)];
+    for (key, by_variant) in &results.samples {
+        let med = |by: &BTreeMap<String, Vec<f64>>, l: &String| report::median(by.get(l).map_or(&[][..], Vec::as_slice));
+        let ratios = &results.ratios[key];
+        let mut row = vec![key.2.clone(), report::int(med(by_variant, &labels[0]))];
         for l in &labels[1..] {
-            row.push(report::int(med(l)));
-            row.push(report::ratio(med(l), base));
+            row.push(report::int(med(by_variant, l)));
+            row.push(report::ratio(med(ratios, l), 1.0));
         }
         table.row(row);
     }
@@ -147,10 +175,15 @@ fn section(ctx: &Ctx, ns: &[u64], samples: &Samples, raw: Vec<String>) -> Sectio
         method: format!(
             "One redis-server (pinned to CPU {}) and redis-benchmark (pinned to CPU {}, 50 clients), \
              FLUSHALL before every run. N per test was calibrated so an untraced invocation takes \
-             about {:.1} s. Each of {} rounds runs every variant once, in an order rotated from \
-             round to round; the tracer attaches (and waits for its probes to be live) before \
-             the four invocations and detaches after. Cells are medians over the rounds; ratio \
-             is against untraced. The bpftrace variant runs the script below: madvise and epoll_wait \
+             about {:.1} s. Each of {} rounds runs, for each invocation, every traced variant \
+             once, in an order rotated from round to round, with an untraced run before the \
+             first and after each: untraced, A, untraced, B, untraced and so on. The tracer \
+             attaches (and waits for its probes to be live) just before its run and detaches \
+             after. This VM's speed drifts within seconds (consecutive tests of one invocation \
+             correlate at about 0.6), so a traced run is compared with its neighbours: its ratio \
+             is its rps over the mean rps of the untraced runs just before and just after it, \
+             and the ratio cell is the median of those over the rounds. The rps cells are \
+             medians over the rounds (untraced: over all its runs). The bpftrace variant runs the script below: madvise and epoll_wait \
              durations, the realloc uprobe pair and off-CPU time, like parts of stalltrace's purge, \
              loop, alloc and sched groups. stalltrace's syscalls group probes no syscall and its \
              alloc group no allocator function: both learn from the sampler's stacks of stalled \
@@ -171,6 +204,6 @@ fn section(ctx: &Ctx, ns: &[u64], samples: &Samples, raw: Vec<String>) -> Sectio
         ),
         commands,
         tables: vec![table],
-        raw,
+        raw: results.raw.clone(),
     }
 }
