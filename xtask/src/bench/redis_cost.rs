@@ -130,7 +130,7 @@ impl Results {
     }
 
     fn pair(&mut self, wi: usize, v: Variant, traced: &[(String, f64)], before: &[(String, f64)], after: &[(String, f64)]) {
-        for (ti, ((test, rps), (_, b), (_, a))) in traced.iter().zip(before).zip(after).map(|((t, b), a)| (t, b, a)).enumerate() {
+        for (ti, (((test, rps), (_, b)), (_, a))) in traced.iter().zip(before).zip(after).enumerate() {
             let ratio = rps / ((b + a) / 2.0);
             self.ratios.entry(row_key(wi, ti, test)).or_default().entry(v.label()).or_default().push(ratio);
         }
