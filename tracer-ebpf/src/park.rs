@@ -3,9 +3,9 @@
 //! starved (or deadlocked); that is decided in userspace from this state.
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::{map, raw_tracepoint},
+    macros::{btf_tracepoint, map},
     maps::HashMap,
-    programs::RawTracePointContext,
+    programs::BtfTracePointContext,
 };
 use tracer_common::{ParkState, TASK_COMM_LEN};
 
@@ -48,10 +48,10 @@ pub fn on_switch_in(tid: u32) {
 }
 
 /// sched_waking(struct task_struct *p) runs in the waker's context: the current task is who
-/// sent the wakeup. A raw tracepoint for the same reason as sched_switch: it fires for every
+/// sent the wakeup. A tp_btf program for the same reason as sched_switch: it fires for every
 /// wakeup on the host.
-#[raw_tracepoint(tracepoint = "sched_waking")]
-pub fn thread_waking(ctx: RawTracePointContext) -> u32 {
+#[btf_tracepoint(function = "sched_waking")]
+pub fn thread_waking(ctx: BtfTracePointContext) -> u32 {
     let wakee: Task = ctx.arg(0);
     if other_process(task::tgid(wakee)) {
         return 0;

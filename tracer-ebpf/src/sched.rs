@@ -1,10 +1,10 @@
 //! Sched group: off-CPU time inside an iteration, split into runnable (preempted, waiting for a
 //! CPU) and blocked (sleeping on I/O, a lock, a timer).
 //!
-//! sched_switch fires on every context switch of the host, so it is a raw tracepoint (no
-//! record is formatted for it) and leaves after two tgid compares unless the target is
-//! switching out or in: no map is touched for anybody else.
-use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+//! sched_switch fires on every context switch of the host, so it is a tp_btf program (no
+//! record is formatted for it, and task fields are plain loads) and leaves after two tgid
+//! compares unless the target is switching out or in: no map is touched for anybody else.
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::thread_flag::OFF_RUNNABLE;
 
 use crate::{
@@ -14,8 +14,8 @@ use crate::{
 };
 
 /// TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...)
-#[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     // The tracepoint runs in the context of prev, the task being switched out.
     let prev_ours = !other_process(current_tgid());
     let next: Task = ctx.arg(2);

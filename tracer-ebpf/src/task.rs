@@ -1,6 +1,6 @@
-//! Fields of a `struct task_struct`, at offsets userspace read from BTF (the raw sched
-//! tracepoints hand over task pointers), and the syscall the current task is inside.
-use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs};
+//! Fields of a `struct task_struct`, at offsets userspace read from BTF (the sched tp_btf
+//! programs hand over task pointers), and the syscall the current task is inside.
+use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_task_pt_regs};
 
 use crate::state::global;
 
@@ -22,11 +22,16 @@ const ENOSYS: i64 = 38;
 
 pub type Task = *const u8;
 
-/// A field at a load-time offset from `base` (a task, or its saved registers).
+/// A field at a load-time offset from `base`, a BTF-typed kernel pointer (a task from a
+/// tp_btf argument or the current task, or its saved registers). The offset is a frozen
+/// global, so the verifier knows it and checks the field's type: a plain load instead of a
+/// probe-read helper call. sched_switch makes these reads while the task being switched out
+/// still holds its CPU, and a waker on another CPU spins until it lets go, so they are on
+/// the traced server's request path.
 #[inline(always)]
-pub fn read<T: Default>(base: *const u8, off: &u64) -> T {
-    // SAFETY: a probe read: a bad address yields an error, not a fault.
-    unsafe { bpf_probe_read_kernel(base.add(global(off) as usize).cast::<T>()) }.unwrap_or_default()
+pub fn read<T>(base: *const u8, off: &u64) -> T {
+    // SAFETY: the verifier checks the access; the JIT turns a fault into a zero.
+    unsafe { core::ptr::read_volatile(base.add(global(off) as usize).cast::<T>()) }
 }
 
 #[inline(always)]

@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::PerCpuArray,
-    programs::{RawTracePoint, TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
 use tracer_common::{
     CONN_SYSCALLS_LEN, SKIP_SYSCALLS_LEN, TargetStats, ThreadState, counter, globals, group, maps, thread_flag,
@@ -244,10 +244,10 @@ impl Probes {
         // The park group keeps its sleep bookkeeping in the same sched_switch program.
         // The syscalls group learns from sched_switch which syscall a thread slept in.
         if config.groups & (group::SCHED | group::PARK | group::SYSCALLS) != 0 {
-            self.raw_tracepoint("sched_switch", "sched_switch")?;
+            self.btf_tracepoint("sched_switch", "sched_switch")?;
         }
         if config.groups & group::PARK != 0 {
-            self.raw_tracepoint("thread_waking", "sched_waking")?;
+            self.btf_tracepoint("thread_waking", "sched_waking")?;
         }
         if config.groups & group::ALLOC != 0 {
             self.attach_alloc(target, config)?;
@@ -432,12 +432,15 @@ impl Probes {
 
     /// A raw tracepoint: no record is formatted for it, which matters on hooks that fire for
     /// every task on the host.
-    fn raw_tracepoint(&mut self, prog: &str, name: &str) -> Result<()> {
-        let p: &mut RawTracePoint = program(&mut self.ebpf, prog)?.try_into()?;
-        p.load().with_context(|| format!("loading {prog}"))?;
-        let id = p.attach(name).with_context(|| format!("attaching {prog} to raw tracepoint {name}"))?;
+    /// tp_btf (Linux 5.5) rather than a raw tracepoint: the same dispatch, but the task
+    /// pointers it hands over are typed, so the program reads their fields directly.
+    fn btf_tracepoint(&mut self, prog: &str, name: &str) -> Result<()> {
+        let btf = aya::Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
+        let p: &mut aya::programs::BtfTracePoint = program(&mut self.ebpf, prog)?.try_into()?;
+        p.load(name, &btf).with_context(|| format!("loading {prog} as tp_btf/{name} (needs Linux 5.5)"))?;
+        let id = p.attach().with_context(|| format!("attaching {prog} to tp_btf/{name}"))?;
         self.links.push(Box::new(p.take_link(id)?));
-        self.attached.push(format!("raw_tp:{name}"));
+        self.attached.push(format!("tp_btf:{name}"));
         Ok(())
     }
 
