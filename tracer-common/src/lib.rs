@@ -145,6 +145,7 @@ pub mod maps {
     pub const LISTENERS: &str = "LISTENERS";
     pub const STACK_EVENTS: &str = "STACK_EVENTS";
     pub const PARKED: &str = "PARKED";
+    pub const PARK_WATCHED: &str = "PARK_WATCHED";
     pub const KSTACKS: &str = "KSTACKS";
     pub const TARGET_STATS: &str = "TARGET_STATS";
 }
@@ -274,8 +275,10 @@ pub struct TargetStats {
     pub accepts: u64,
 }
 
-/// Per-thread sleep and wakeup bookkeeping, keyed by tid in `PARKED`. Userspace inserts every
-/// thread of a watched process; the kernel only updates entries that exist.
+/// Per-thread sleep and wakeup bookkeeping, keyed by tid in `PARKED`. Userspace inserts the
+/// threads that could starve as a group (those with namesakes) and keeps their number in
+/// `PARK_WATCHED[0]`; the kernel only updates entries that exist, and looks for none while
+/// that number is 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ParkState {

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::{btf_tracepoint, map},
-    maps::HashMap,
+    maps::{Array, HashMap},
     programs::BtfTracePointContext,
 };
 use tracer_common::{ParkState, TASK_COMM_LEN};
@@ -17,6 +17,13 @@ use crate::{
 #[map]
 pub static PARKED: HashMap<u32, ParkState> = HashMap::with_max_entries(65536, 0);
 
+/// How many entries `PARKED` holds, kept by userspace. A lone event loop has no namesake
+/// to starve with, so a process like Redis has none, and this one array read (inlined by the
+/// verifier) spares the hash lookups in sched_switch and sched_waking: both run in the
+/// request path (see `task::read`).
+#[map]
+pub static PARK_WATCHED: Array<u32> = Array::with_max_entries(1, 0);
+
 #[unsafe(no_mangle)]
 static PARK_ON: u64 = 0;
 
@@ -28,7 +35,7 @@ fn entry(tid: u32) -> Option<&'static mut ParkState> {
 
 #[inline(always)]
 pub fn enabled() -> bool {
-    global(&PARK_ON) != 0
+    global(&PARK_ON) != 0 && PARK_WATCHED.get(0).is_some_and(|n| *n != 0)
 }
 
 /// From sched_switch, for a thread of the target: it goes to sleep (or is preempted).
@@ -52,6 +59,9 @@ pub fn on_switch_in(tid: u32) {
 /// wakeup on the host.
 #[btf_tracepoint(function = "sched_waking")]
 pub fn thread_waking(ctx: BtfTracePointContext) -> u32 {
+    if !enabled() {
+        return 0;
+    }
     let wakee: Task = ctx.arg(0);
     if other_process(task::tgid(wakee)) {
         return 0;

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData, PerCpuHashMap, RingBuf, StackTraceMap};
+use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf, StackTraceMap};
 use tracer_common::{IterHist, StallEvent, ThreadState, group, maps};
 
 use crate::{
@@ -98,7 +98,8 @@ impl Session {
         let stacks = if opts.probes.groups & group::STACKS != 0 { Some(start_stacks(&mut probes, &opts.probes)?) } else { None };
         let starvation = if opts.probes.groups & group::PARK != 0 {
             let parked = HashMap::try_from(probes.ebpf.take_map(maps::PARKED).context("PARKED map")?)?;
-            Some((StarvationMonitor::new(target.pid, parked, opts.starvation.clone())?, Instant::now()))
+            let watched = Array::try_from(probes.ebpf.take_map(maps::PARK_WATCHED).context("PARK_WATCHED map")?)?;
+            Some((StarvationMonitor::new(target.pid, parked, watched, opts.starvation.clone())?, Instant::now()))
         } else {
             None
         };

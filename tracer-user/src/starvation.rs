@@ -5,14 +5,15 @@
 //! Every poll reads the target's threads from /proc (name, state, the syscall and futex
 //! address they wait in) and the kernel's `PARKED` map (since when each sleeps, the last
 //! wakeup sent to it and by whom); threads asleep before we attached have no kernel record
-//! and count as asleep since the attach.
+//! and count as asleep since the attach. Only threads with namesakes, the ones that can
+//! starve as a group, are in `PARKED`.
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     fs,
 };
 
 use anyhow::Result;
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use tracer_common::ParkState;
 
@@ -109,6 +110,9 @@ pub struct StarvationMonitor {
     pid: u32,
     config: StarveConfig,
     parked: BpfHashMap<MapData, u32, ParkState>,
+    /// `PARK_WATCHED`: how many threads `PARKED` holds, for the kernel's sake.
+    watched: Array<MapData, u32>,
+    /// The threads in `PARKED`.
     tracked: HashSet<u32>,
     /// For threads asleep since before the attach: when we first saw them asleep.
     seen_asleep: HashMap<u32, u64>,
@@ -121,11 +125,17 @@ pub struct StarvationMonitor {
 }
 
 impl StarvationMonitor {
-    pub fn new(pid: u32, parked: BpfHashMap<MapData, u32, ParkState>, config: StarveConfig) -> Result<Self> {
+    pub fn new(
+        pid: u32,
+        parked: BpfHashMap<MapData, u32, ParkState>,
+        watched: Array<MapData, u32>,
+        config: StarveConfig,
+    ) -> Result<Self> {
         Ok(Self {
             pid,
             config,
             parked,
+            watched,
             tracked: HashSet::new(),
             seen_asleep: HashMap::new(),
             diag: Diag::open(pid)?,
@@ -183,35 +193,53 @@ impl StarvationMonitor {
         let tids: Vec<u32> = fs::read_dir(format!("/proc/{}/task", self.pid))
             .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
             .unwrap_or_default();
-        for &tid in &tids {
-            if self.tracked.insert(tid) {
-                let _ = self.parked.insert(tid, ParkState::default(), 0);
+        let mut threads: Vec<ThreadNow> = tids.into_iter().filter_map(|tid| self.thread(tid)).collect();
+        self.watch(&threads);
+        let asleep: HashSet<u32> = threads.iter().filter(|t| t.asleep).map(|t| t.tid).collect();
+        self.seen_asleep.retain(|tid, _| asleep.contains(tid));
+        for t in &mut threads {
+            if self.tracked.contains(&t.tid) {
+                t.park = self.parked.get(&t.tid, 0).unwrap_or_default();
             }
+            t.since_ns = match (t.asleep, t.park.parked_since_ns) {
+                (false, _) => now,
+                (true, 0) => *self.seen_asleep.entry(t.tid).or_insert(now),
+                (true, since) => since,
+            };
         }
-        let gone: Vec<u32> = self.tracked.iter().copied().filter(|t| !tids.contains(t)).collect();
-        for tid in gone {
-            self.tracked.remove(&tid);
-            self.seen_asleep.remove(&tid);
-            let _ = self.parked.remove(&tid);
-        }
-        tids.into_iter().filter_map(|tid| self.thread(tid, now)).collect()
+        threads
     }
 
-    fn thread(&mut self, tid: u32, now: u64) -> Option<ThreadNow> {
+    /// One thread's name and state from /proc; its kernel record is added by `threads`.
+    fn thread(&self, tid: u32) -> Option<ThreadNow> {
         let stat = fs::read_to_string(format!("/proc/{}/task/{tid}/stat", self.pid)).ok()?;
         let state = stat.rsplit(')').next()?.split_whitespace().next()?;
         let asleep = matches!(state, "S" | "D");
         let comm = fs::read_to_string(format!("/proc/{}/task/{tid}/comm", self.pid)).ok()?.trim_end().to_string();
-        let park = self.parked.get(&tid, 0).unwrap_or_default();
-        if !asleep {
-            self.seen_asleep.remove(&tid);
+        Some(ThreadNow { tid, comm, asleep, since_ns: 0, park: ParkState::default() })
+    }
+
+    /// Puts in `PARKED` the threads that could starve as a group (at least `min_threads` of
+    /// one folded name) and no others. The kernel's sched programs run in the request path
+    /// and skip every lookup while `PARKED` is empty, as it stays for a lone event loop.
+    fn watch(&mut self, threads: &[ThreadNow]) {
+        let mut sizes: HashMap<String, usize> = HashMap::new();
+        for t in threads {
+            *sizes.entry(fold_name(&t.comm)).or_default() += 1;
         }
-        let since_ns = match (asleep, park.parked_since_ns) {
-            (false, _) => now,
-            (true, 0) => *self.seen_asleep.entry(tid).or_insert(now),
-            (true, t) => t,
-        };
-        Some(ThreadNow { tid, comm, asleep, since_ns, park })
+        let want: HashSet<u32> =
+            threads.iter().filter(|t| sizes[&fold_name(&t.comm)] >= self.config.min_threads).map(|t| t.tid).collect();
+        if want == self.tracked {
+            return;
+        }
+        for &tid in want.difference(&self.tracked) {
+            let _ = self.parked.insert(tid, ParkState::default(), 0);
+        }
+        for &tid in self.tracked.difference(&want) {
+            let _ = self.parked.remove(&tid);
+        }
+        self.tracked = want;
+        let _ = self.watched.set(0, self.tracked.len() as u32, 0);
     }
 
     /// Whether some group has enough threads asleep to be starved now or within the threshold.
