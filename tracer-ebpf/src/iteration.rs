@@ -98,12 +98,19 @@ pub fn resumed(s: &mut ThreadState) -> bool {
     if global(&LAZY_BEGIN) == 0 || s.flags & IN_EPOLL == 0 || s.resume_ns == 0 {
         return false;
     }
-    if task::current_syscall().is_some_and(|nr| global(&EPOLL_SYSCALLS).contains(&nr)) {
+    if in_wait() {
         return false;
     }
     s.iter_start_ns = s.resume_ns;
     s.flags &= !IN_EPOLL;
     true
+}
+
+/// Whether the current thread is inside an epoll wait, by its saved registers (false where
+/// they cannot be read).
+#[inline(always)]
+pub fn in_wait() -> bool {
+    task::current_syscall().is_some_and(|nr| global(&EPOLL_SYSCALLS).contains(&nr))
 }
 
 /// sched_switch puts a loop thread back on CPU: if it is still in its wait, its iteration

@@ -20,20 +20,22 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     let prev_ours = !other_process(current_tgid());
     let next: Task = ctx.arg(2);
     let next_ours = !other_process(task::tgid(next));
-    if !prev_ours && !next_ours {
-        return 0;
-    }
-    let ts = now();
+    // This runs under the CPU's runqueue lock, which a wakeup sent to that CPU may wait for:
+    // the common case, a loop thread going to sleep in its epoll wait (between iterations,
+    // nothing to account), reads no map and no clock.
     if prev_ours {
         let preempt: u64 = ctx.arg(0);
         let sleeps = preempt & 1 == 0 && task::sleeping(ctx.arg(1));
-        switch_out(sleeps, ts);
+        if !iteration::in_wait() {
+            switch_out(sleeps, now());
+        }
         if park::enabled() {
-            park::on_switch_out(current_tid(), sleeps, ts);
+            park::on_switch_out(current_tid(), sleeps, now());
         }
     }
     if next_ours {
         let tid = task::tid(next);
+        let ts = now();
         switch_in(tid, ts);
         if park::enabled() {
             park::on_switch_in(tid);
