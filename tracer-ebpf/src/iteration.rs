@@ -8,7 +8,8 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::tracepoint,
+    macros::{map, tracepoint},
+    maps::PerCpuArray,
     programs::TracePointContext,
 };
 use tracer_common::{
@@ -17,14 +18,32 @@ use tracer_common::{
 };
 
 use crate::{
-    state::{ITER_HIST, STALLS, THREADS, ZERO_HIST, count, global, histograms, now, other_process, thread, threshold_ns},
-    task,
+    state::{
+        ITER_HIST, STALLS, THREADS, ZERO_HIST, count, current_tid, global, histograms, now, other_process, thread,
+        threshold_ns,
+    },
+    task::{self, Task},
 };
 
 #[unsafe(no_mangle)]
 static LAZY_BEGIN: u64 = 0;
 #[unsafe(no_mangle)]
 static EPOLL_SYSCALLS: [u64; 3] = [u64::MAX; 3];
+
+/// The thread each CPU last put back on CPU inside its epoll wait, and when. sched_switch
+/// writes this slot instead of looking the thread up, as it holds the runqueue lock (see
+/// sched.rs). A running thread got to its CPU by its last switch-in, so the programs that
+/// later want that time run on the same CPU and find it here, unless it is stale: older
+/// than the wait's entry, when the wait returned without sleeping.
+#[map]
+static RESUMED: PerCpuArray<Resumed> = PerCpuArray::with_max_entries(1, 0);
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Resumed {
+    tid: u64,
+    ns: u64,
+}
 
 /// Attached to sys_enter_epoll_wait, _pwait and _pwait2: the iteration ends here.
 #[tracepoint]
@@ -40,7 +59,7 @@ pub fn epoll_enter(_ctx: TracePointContext) -> u32 {
         track_thread(tgid, tid, now);
         return 0;
     };
-    let start = if s.iter_start_ns != 0 { s.iter_start_ns } else { s.resume_ns };
+    let start = if s.iter_start_ns != 0 { s.iter_start_ns } else { resume_ns(s, tid) };
     if start != 0 {
         let duration = now.saturating_sub(start);
         if !record_histogram(tid, duration) {
@@ -95,13 +114,14 @@ fn wait(s: &mut ThreadState, now: u64) {
 /// its iteration begins, at the time it last got back on CPU.
 #[inline(always)]
 pub fn resumed(s: &mut ThreadState) -> bool {
-    if global(&LAZY_BEGIN) == 0 || s.flags & IN_EPOLL == 0 || s.resume_ns == 0 {
+    if global(&LAZY_BEGIN) == 0 || s.flags & IN_EPOLL == 0 {
         return false;
     }
-    if in_wait() {
+    let resume = resume_ns(s, current_tid());
+    if resume == 0 || in_wait() {
         return false;
     }
-    s.iter_start_ns = s.resume_ns;
+    s.iter_start_ns = resume;
     s.flags &= !IN_EPOLL;
     true
 }
@@ -110,7 +130,28 @@ pub fn resumed(s: &mut ThreadState) -> bool {
 /// they cannot be read).
 #[inline(always)]
 pub fn in_wait() -> bool {
-    task::current_syscall().is_some_and(|nr| global(&EPOLL_SYSCALLS).contains(&nr))
+    task_in_wait(task::current())
+}
+
+#[inline(always)]
+pub fn task_in_wait(t: Task) -> bool {
+    task::syscall(t).is_some_and(|nr| global(&EPOLL_SYSCALLS).contains(&nr))
+}
+
+/// sched_switch puts a thread back on CPU inside its epoll wait.
+#[inline(always)]
+pub fn resumed_in_wait(tid: u32, ts: u64) {
+    if let Some(r) = RESUMED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; sched_switch does not nest.
+        unsafe { *r = Resumed { tid: tid as u64, ns: ts } };
+    }
+}
+
+/// When the thread entered its wait or, if later, got back on CPU inside it.
+#[inline(always)]
+fn resume_ns(s: &ThreadState, tid: u32) -> u64 {
+    let slot = RESUMED.get(0).filter(|r| r.tid == tid as u64).map_or(0, |r| r.ns);
+    s.resume_ns.max(slot)
 }
 
 /// sched_switch puts a loop thread back on CPU: if it is still in its wait, its iteration

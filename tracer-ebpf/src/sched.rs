@@ -20,9 +20,9 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     let prev_ours = !other_process(current_tgid());
     let next: Task = ctx.arg(2);
     let next_ours = !other_process(task::tgid(next));
-    // This runs under the CPU's runqueue lock, which a wakeup sent to that CPU may wait for:
-    // the common case, a loop thread going to sleep in its epoll wait (between iterations,
-    // nothing to account), reads no map and no clock.
+    // This runs under the CPU's runqueue lock, which a wakeup sent to that CPU may wait for.
+    // The common case, a loop thread sleeping in its epoll wait and woken in it (between
+    // iterations: nothing to account), looks up no hash map.
     if prev_ours {
         let preempt: u64 = ctx.arg(0);
         let sleeps = preempt & 1 == 0 && task::sleeping(ctx.arg(1));
@@ -36,7 +36,11 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     if next_ours {
         let tid = task::tid(next);
         let ts = now();
-        switch_in(tid, ts);
+        if iteration::task_in_wait(next) {
+            iteration::resumed_in_wait(tid, ts);
+        } else {
+            switch_in(tid, ts);
+        }
         if park::enabled() {
             park::on_switch_in(tid);
         }

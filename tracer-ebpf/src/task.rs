@@ -52,22 +52,38 @@ pub fn sleeping(t: Task) -> bool {
     read::<u32>(t, &TASK_STATE_OFF) != 0
 }
 
-/// The user registers the current task saved at the top of its kernel stack on entering the
-/// kernel (a syscall, an interrupt or a fault).
 #[inline(always)]
-pub fn current_regs() -> *const u8 {
-    // SAFETY: helpers on the current task, always valid in a tracing program.
-    unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8 }
+pub fn current() -> Task {
+    // SAFETY: a helper on the current task, always valid in a tracing program.
+    unsafe { bpf_get_current_task_btf() as Task }
 }
 
-/// The number of the syscall the current task is inside, read from the registers saved at
-/// the top of its kernel stack: None in user code, an interrupt or a fault.
+/// The user registers a task saved at the top of its kernel stack on entering the kernel (a
+/// syscall, an interrupt or a fault).
+#[inline(always)]
+pub fn regs(t: Task) -> *const u8 {
+    // SAFETY: `t` is a BTF task pointer (the verifier insists).
+    unsafe { bpf_task_pt_regs(t as *mut _) as *const u8 }
+}
+
+#[inline(always)]
+pub fn current_regs() -> *const u8 {
+    regs(current())
+}
+
 #[inline(always)]
 pub fn current_syscall() -> Option<u64> {
+    syscall(current())
+}
+
+/// The number of the syscall a task is inside (or, off CPU, went to sleep in), read from the
+/// registers saved at the top of its kernel stack: None in user code, an interrupt or a fault.
+#[inline(always)]
+pub fn syscall(t: Task) -> Option<u64> {
     if global(&PT_REGS_SYSNR_OFF) == u64::MAX {
         return None;
     }
-    let regs = current_regs();
+    let regs = regs(t);
     let nr: i32 = read(regs, &PT_REGS_SYSNR_OFF);
     if nr < 0 {
         return None;

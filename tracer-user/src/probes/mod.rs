@@ -430,10 +430,9 @@ impl Probes {
         Ok(())
     }
 
-    /// A raw tracepoint: no record is formatted for it, which matters on hooks that fire for
-    /// every task on the host.
-    /// tp_btf (Linux 5.5) rather than a raw tracepoint: the same dispatch, but the task
-    /// pointers it hands over are typed, so the program reads their fields directly.
+    /// A tp_btf program (Linux 5.5): no record is formatted for it, which matters on hooks
+    /// that fire for every task on the host, and the task pointers it hands over are typed,
+    /// so the program reads their fields with plain loads.
     fn btf_tracepoint(&mut self, prog: &str, name: &str) -> Result<()> {
         let btf = aya::Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
         let p: &mut aya::programs::BtfTracePoint = program(&mut self.ebpf, prog)?.try_into()?;
