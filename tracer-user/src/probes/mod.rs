@@ -237,13 +237,13 @@ impl Probes {
         if config.groups & group::LOOP == 0 {
             bail!("the loop group cannot be switched off: it defines iterations");
         }
-        self.attach_loop()?;
         if config.groups & group::PURGE != 0 {
             self.attach_purge()?;
         }
         // The park group keeps its sleep bookkeeping in the same sched_switch program.
         // The syscalls group learns from sched_switch which syscall a thread slept in.
-        if config.groups & (group::SCHED | group::PARK | group::SYSCALLS) != 0 {
+        // Lazy iteration starts take the time a loop thread got back on CPU from it too.
+        if self.lazy_begin || config.groups & (group::SCHED | group::PARK | group::SYSCALLS) != 0 {
             self.btf_tracepoint("sched_switch", "sched_switch")?;
         }
         if config.groups & group::PARK != 0 {
@@ -258,7 +258,11 @@ impl Probes {
         if config.groups & (group::STACKS | group::SYSCALLS) != 0 {
             self.attach_sampler(SAMPLE_PERIOD_NS)?;
         }
-        Ok(())
+        // Last: epoll_enter begins tracking threads and measuring their iterations, and an
+        // iteration measured before sched_switch is in place misses its off-CPU time (a
+        // 100 ms epoll timeout became a 100 ms app_code stall while the groups above took
+        // their time to load: BTF parsing, symbol resolution).
+        self.attach_loop()
     }
 
     /// A CPU-clock perf event on every CPU runs `stall_sample`, which looks only at a loop
