@@ -64,3 +64,18 @@ fn idle_query_buffers_shrunk_by_clients_cron_are_an_allocator_purge() {
     );
 }
 
+
+/// An idle Redis sleeps out its 100 ms cron timeout in epoll_wait: never a stall, from the
+/// first wait after attach on, whatever groups run (before epoll_enter was attached last and
+/// `loop` alone took in sched_switch, the first waits or every wait came out as app_code).
+#[test]
+fn an_idle_loops_epoll_timeouts_are_not_stalls() {
+    let redis = Redis::start(&["--hz", "10"], &[]).unwrap();
+    for probes in ["loop", "default"] {
+        let tracer = Tracer::start(redis.proc.pid(), &["-t", "50ms", "--probes", probes]).unwrap();
+        thread::sleep(Duration::from_millis(1000));
+        let records = tracer.stop().unwrap();
+        assert!(stalls(&records).is_empty(), "--probes {probes}: {records:#?}");
+        assert_eq!(summary(&records)["lost"], 0);
+    }
+}
