@@ -76,6 +76,9 @@ fn an_idle_loops_epoll_timeouts_are_not_stalls() {
         thread::sleep(Duration::from_millis(1000));
         let records = tracer.stop().unwrap();
         assert!(stalls(&records).is_empty(), "--probes {probes}: {records:#?}");
-        assert_eq!(summary(&records)["lost"], 0);
+        let summary = summary(&records);
+        assert_eq!(summary["lost"], 0);
+        // Each wait the kernel showed leaving but not coming back is counted, not a stall.
+        assert!(summary["late_begins"].as_u64().is_some_and(|n| n <= 2), "{summary}");
     }
 }

@@ -89,6 +89,10 @@ pub mod globals {
     pub const TASK_TGID_OFF: &str = "TASK_TGID_OFF";
     pub const TASK_PID_OFF: &str = "TASK_PID_OFF";
     pub const TASK_STATE_OFF: &str = "TASK_STATE_OFF";
+    /// u64 offsets of `nvcsw` and `nivcsw` (voluntary and involuntary context switches) in
+    /// `struct task_struct`, from BTF.
+    pub const TASK_NVCSW_OFF: &str = "TASK_NVCSW_OFF";
+    pub const TASK_NIVCSW_OFF: &str = "TASK_NIVCSW_OFF";
     /// u64 1 when an iteration's start is inferred (no program at epoll's return): the
     /// registers tell whether a loop thread is still inside epoll_wait.
     pub const LAZY_BEGIN: &str = "LAZY_BEGIN";
@@ -165,7 +169,12 @@ pub mod counter {
     pub const LOST_STACKS: u32 = 2;
     /// Stack samples taken.
     pub const STACKS: u32 = 3;
-    pub const LEN: u32 = 4;
+    /// Iterations whose start is not known: the thread was switched out inside its epoll wait
+    /// and sched_switch never showed it coming back (about one sleep in a few thousand on
+    /// Linux 6.18). Such an iteration is timed from the first program that sees the thread
+    /// running, or, if none did, not timed at all.
+    pub const LATE_BEGIN: u32 = 4;
+    pub const LEN: u32 = 5;
 }
 
 /// Fixed offsets of syscall tracepoint records (`syscalls:sys_{enter,exit}_*` and
@@ -344,6 +353,9 @@ pub mod thread_flag {
     pub const OFF_RUNNABLE: u32 = 1 << 1;
 }
 
+/// `ThreadState::switches` of an entry userspace made: its first wait is trusted as before.
+pub const SWITCHES_UNKNOWN: u64 = u64::MAX;
+
 /// Per-thread accounting, keyed by tid in `THREADS`. Only threads of a target that have
 /// called epoll_wait at least once get an entry: threads that never wait there are not event
 /// loops and cost one failed lookup per event.
@@ -359,6 +371,10 @@ pub struct ThreadState {
     /// no program runs at the wait's return, so an iteration is found to have begun later,
     /// and begun at this time.
     pub resume_ns: u64,
+    /// The thread's context switches (nvcsw + nivcsw) as of `resume_ns`: a count that moved
+    /// since, with no switch-in seen, means the thread slept and woke unseen (`LATE_BEGIN`).
+    /// `SWITCHES_UNKNOWN` in an entry userspace made for a thread found waiting at attach.
+    pub switches: u64,
     /// Current "other" syscall: number, start, and off-CPU time spent inside it so far.
     pub sys_nr: u64,
     pub sys_start_ns: u64,

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    Components, StallEvent, TASK_COMM_LEN, ThreadState, counter, hist_slot,
+    Components, SWITCHES_UNKNOWN, StallEvent, TASK_COMM_LEN, ThreadState, counter, hist_slot,
     thread_flag::IN_EPOLL,
 };
 
@@ -43,6 +43,8 @@ static RESUMED: PerCpuArray<Resumed> = PerCpuArray::with_max_entries(1, 0);
 struct Resumed {
     tid: u64,
     ns: u64,
+    /// The thread's context switches then (`task::switches`).
+    switches: u64,
 }
 
 /// Attached to sys_enter_epoll_wait, _pwait and _pwait2: the iteration ends here.
@@ -54,12 +56,13 @@ pub fn epoll_enter(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     let now = now();
+    let switches = task::switches(task::current());
     let Some(s) = thread(tid).filter(|s| s.tgid == tgid) else {
         // The first wait of this thread, or a recycled tid.
-        track_thread(tgid, tid, now);
+        track_thread(tgid, tid, now, switches);
         return 0;
     };
-    let start = if s.iter_start_ns != 0 { s.iter_start_ns } else { resume_ns(s, tid) };
+    let start = if s.iter_start_ns != 0 { s.iter_start_ns } else { begin_ns(s, tid, switches).unwrap_or(0) };
     if start != 0 {
         let duration = now.saturating_sub(start);
         if !record_histogram(tid, duration) {
@@ -71,7 +74,7 @@ pub fn epoll_enter(_ctx: TracePointContext) -> u32 {
             emit_stall(s, tid, start, duration);
         }
     }
-    wait(s, now);
+    wait(s, now, switches);
     0
 }
 
@@ -91,11 +94,12 @@ pub fn epoll_exit(_ctx: TracePointContext) -> u32 {
 
 /// The thread enters a wait: the next iteration starts from nothing.
 #[inline(always)]
-fn wait(s: &mut ThreadState, now: u64) {
+fn wait(s: &mut ThreadState, now: u64, switches: u64) {
     let begun = s.iter_start_ns != 0;
     s.flags |= IN_EPOLL;
     s.iter_start_ns = 0;
     s.resume_ns = now;
+    s.switches = switches;
     // No call is in flight across an epoll wait: a marker left over is a missed exit (a
     // program the kernel skipped), and would silence the next iteration's accounting.
     s.sys_start_ns = 0;
@@ -114,14 +118,22 @@ fn wait(s: &mut ThreadState, now: u64) {
 /// its iteration begins, at the time it last got back on CPU.
 #[inline(always)]
 pub fn resumed(s: &mut ThreadState) -> bool {
-    if global(&LAZY_BEGIN) == 0 || s.flags & IN_EPOLL == 0 {
+    resumed_with(s, task::switches(task::current()))
+}
+
+/// `resumed`, for a thread whose context switches before the one going on now are `switches`.
+#[inline(always)]
+pub fn resumed_with(s: &mut ThreadState, switches: u64) -> bool {
+    if global(&LAZY_BEGIN) == 0 || s.flags & IN_EPOLL == 0 || in_wait() {
         return false;
     }
-    let resume = resume_ns(s, current_tid());
-    if resume == 0 || in_wait() {
-        return false;
-    }
-    s.iter_start_ns = resume;
+    let begin = match begin_ns(s, current_tid(), switches) {
+        Some(0) => return false,
+        Some(ns) => ns,
+        // Later than the truth, but the thread is running now.
+        None => now(),
+    };
+    s.iter_start_ns = begin;
     s.flags &= !IN_EPOLL;
     true
 }
@@ -140,35 +152,47 @@ pub fn task_in_wait(t: Task) -> bool {
 
 /// sched_switch puts a thread back on CPU inside its epoll wait.
 #[inline(always)]
-pub fn resumed_in_wait(tid: u32, ts: u64) {
+pub fn resumed_in_wait(tid: u32, ts: u64, switches: u64) {
     if let Some(r) = RESUMED.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; sched_switch does not nest.
-        unsafe { *r = Resumed { tid: tid as u64, ns: ts } };
+        unsafe { *r = Resumed { tid: tid as u64, ns: ts, switches } };
     }
 }
 
-/// When the thread entered its wait or, if later, got back on CPU inside it.
+/// When the thread's iteration began: when it entered its wait or, if later, got back on CPU
+/// inside it. None if it was switched out since and sched_switch never showed it back in (a
+/// thread's context-switch count only moves at a switch-out, so a count that moved since the
+/// last switch-in seen means one).
 #[inline(always)]
-fn resume_ns(s: &ThreadState, tid: u32) -> u64 {
-    let slot = RESUMED.get(0).filter(|r| r.tid == tid as u64).map_or(0, |r| r.ns);
-    s.resume_ns.max(slot)
+fn begin_ns(s: &ThreadState, tid: u32, switches: u64) -> Option<u64> {
+    let (ns, seen) = match RESUMED.get(0) {
+        Some(r) if r.tid == tid as u64 && r.ns > s.resume_ns => (r.ns, r.switches),
+        _ => (s.resume_ns, s.switches),
+    };
+    if seen != SWITCHES_UNKNOWN && seen != switches {
+        count(counter::LATE_BEGIN);
+        return None;
+    }
+    Some(ns)
 }
 
 /// sched_switch puts a loop thread back on CPU: if it is still in its wait, its iteration
 /// can start no earlier than now.
 #[inline(always)]
-pub fn on_cpu(s: &mut ThreadState, ts: u64) {
+pub fn on_cpu(s: &mut ThreadState, ts: u64, switches: u64) {
     if s.iter_start_ns == 0 && s.flags & IN_EPOLL != 0 {
         s.resume_ns = ts;
+        s.switches = switches;
     }
 }
 
 #[inline(never)]
-fn track_thread(tgid: u32, tid: u32, now: u64) {
+fn track_thread(tgid: u32, tid: u32, now: u64, switches: u64) {
     let state = ThreadState {
         tgid,
         flags: IN_EPOLL,
         resume_ns: now,
+        switches,
         ..ThreadState::default()
     };
     if THREADS.insert(tid, state, 0).is_err() {
@@ -222,7 +246,6 @@ fn emit_stall(s: &ThreadState, tid: u32, start: u64, duration: u64) {
     });
     entry.submit(0);
 }
-
 
 /// sched_process_exit runs in the exiting thread: forget it so a recycled tid starts clean.
 /// Its histogram stays for the summary.

@@ -9,7 +9,7 @@ use tracer_common::thread_flag::OFF_RUNNABLE;
 
 use crate::{
     iteration, park, syscalls,
-    state::{current_iteration, current_tgid, current_tid, now, other_process, thread},
+    state::{current_tgid, current_thread, current_tid, now, other_process, thread},
     task::{self, Task},
 };
 
@@ -27,7 +27,8 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
         let preempt: u64 = ctx.arg(0);
         let sleeps = preempt & 1 == 0 && task::sleeping(ctx.arg(1));
         if !iteration::in_wait() {
-            switch_out(sleeps, now());
+            // schedule() has already counted the switch being made.
+            switch_out(task::switches(ctx.arg(1)).wrapping_sub(1), sleeps, now());
         }
         if park::enabled() {
             park::on_switch_out(current_tid(), sleeps, now());
@@ -37,9 +38,9 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
         let tid = task::tid(next);
         let ts = now();
         if iteration::task_in_wait(next) {
-            iteration::resumed_in_wait(tid, ts);
+            iteration::resumed_in_wait(tid, ts, task::switches(next));
         } else {
-            switch_in(tid, ts);
+            switch_in(next, tid, ts);
         }
         if park::enabled() {
             park::on_switch_in(tid);
@@ -49,8 +50,11 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn switch_out(sleeps: bool, ts: u64) {
-    let Some(s) = current_iteration() else { return };
+fn switch_out(switches: u64, sleeps: bool, ts: u64) {
+    let Some(s) = current_thread() else { return };
+    if s.iter_start_ns == 0 && !iteration::resumed_with(s, switches) {
+        return;
+    }
     if sleeps {
         s.flags &= !OFF_RUNNABLE;
     } else {
@@ -61,9 +65,9 @@ fn switch_out(sleeps: bool, ts: u64) {
 }
 
 #[inline(always)]
-fn switch_in(tid: u32, ts: u64) {
+fn switch_in(next: Task, tid: u32, ts: u64) {
     let Some(s) = thread(tid) else { return };
-    iteration::on_cpu(s, ts);
+    iteration::on_cpu(s, ts, task::switches(next));
     if s.off_start_ns == 0 {
         return;
     }

@@ -11,6 +11,10 @@ static TASK_PID_OFF: u64 = 0;
 #[unsafe(no_mangle)]
 static TASK_STATE_OFF: u64 = 0;
 #[unsafe(no_mangle)]
+static TASK_NVCSW_OFF: u64 = 0;
+#[unsafe(no_mangle)]
+static TASK_NIVCSW_OFF: u64 = 0;
+#[unsafe(no_mangle)]
 static PT_REGS_SYSNR_OFF: u64 = u64::MAX;
 #[unsafe(no_mangle)]
 static PT_REGS_RET_OFF: u64 = u64::MAX;
@@ -50,6 +54,13 @@ pub fn tid(t: Task) -> u32 {
 #[inline(always)]
 pub fn sleeping(t: Task) -> bool {
     read::<u32>(t, &TASK_STATE_OFF) != 0
+}
+
+/// How many times the task has been switched out, voluntarily or not. schedule() counts a
+/// switch before it reports it, so at sched_switch the count already includes it.
+#[inline(always)]
+pub fn switches(t: Task) -> u64 {
+    read::<u64>(t, &TASK_NVCSW_OFF).wrapping_add(read::<u64>(t, &TASK_NIVCSW_OFF))
 }
 
 #[inline(always)]

@@ -62,6 +62,9 @@ pub struct App {
     /// Loop threads the kernel could not track (its thread table was full): their stalls are
     /// not seen, which the summary must say.
     pub untracked_threads: u64,
+    /// Iterations whose start the kernel did not show (a switch back into the epoll wait that
+    /// sched_switch never reported): timed from later than they began, or not at all.
+    pub late_begins: u64,
     pub storms: Vec<Storm>,
     pub listeners: Vec<ListenerView>,
     /// The starvation going on now, if any, and how many have been seen.
@@ -84,6 +87,7 @@ impl App {
             lost_stacks: 0,
             stacks_received: 0,
             untracked_threads: 0,
+            late_begins: 0,
             storms: Vec::new(),
             listeners: Vec::new(),
             starving: None,

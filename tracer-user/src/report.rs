@@ -47,6 +47,7 @@ struct Summary<'a> {
     starvations: u64,
     lost_stacks: u64,
     untracked_threads: u64,
+    late_begins: u64,
     threads: Vec<ThreadSummary<'a>>,
     listeners: Vec<ListenerSummary>,
     /// TcpExtListenOverflows of the target's namespace over the session: the cross-check for
@@ -308,6 +309,7 @@ impl Reporter {
                     starvations: app.starvations,
                     lost_stacks: app.lost_stacks,
                     untracked_threads: app.untracked_threads,
+                    late_begins: app.late_begins,
                     threads,
                     listeners,
                     netns_listen_overflows: net.as_ref().map(|(_, n)| *n),
@@ -336,6 +338,12 @@ fn summary_text(app: &App, traced_ns: u64) -> String {
     }
     if app.untracked_threads > 0 {
         out += &format!("   {} loop threads not traced: the kernel's thread table was full\n", app.untracked_threads);
+    }
+    if app.late_begins > 0 {
+        out += &format!(
+            "   {} iterations timed from later than they began, or not timed: the kernel showed the thread leaving its epoll wait but not coming back\n",
+            app.late_begins
+        );
     }
     if app.threads.is_empty() {
         out += "   no event-loop thread seen (no thread returned from epoll_wait/epoll_pwait)\n";

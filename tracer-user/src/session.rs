@@ -252,6 +252,7 @@ impl Session {
         self.app.lost = self.probes.lost_stalls();
         self.app.lost_stacks = self.probes.lost_stacks();
         self.app.untracked_threads = self.probes.untracked_threads();
+        self.app.late_begins = self.probes.late_begins();
         self.app.stacks_received = self.stacks.as_ref().map_or(0, |c| c.received);
         self.refresh_listeners();
         Ok(())

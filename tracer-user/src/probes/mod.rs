@@ -13,7 +13,8 @@ use aya::{
     programs::{TracePoint, UProbe, uprobe::UProbeScope},
 };
 use tracer_common::{
-    CONN_SYSCALLS_LEN, SKIP_SYSCALLS_LEN, TargetStats, ThreadState, counter, globals, group, maps, thread_flag,
+    CONN_SYSCALLS_LEN, SKIP_SYSCALLS_LEN, SWITCHES_UNKNOWN, TargetStats, ThreadState, counter, globals, group, maps,
+    thread_flag,
 };
 
 use crate::target::Target;
@@ -122,13 +123,21 @@ struct TaskGlobals {
     tgid: u64,
     pid: u64,
     state: u64,
+    nvcsw: u64,
+    nivcsw: u64,
 }
 
 impl TaskGlobals {
     fn read(types: &btf::KernelTypes) -> Result<Self> {
         // 5.14 renamed `state` to `__state` so that nobody reads it without READ_ONCE.
         let state = types.offset("task_struct", "__state").or_else(|_| types.offset("task_struct", "state"))?;
-        Ok(Self { tgid: types.offset("task_struct", "tgid")?, pid: types.offset("task_struct", "pid")?, state })
+        Ok(Self {
+            tgid: types.offset("task_struct", "tgid")?,
+            pid: types.offset("task_struct", "pid")?,
+            state,
+            nvcsw: types.offset("task_struct", "nvcsw")?,
+            nivcsw: types.offset("task_struct", "nivcsw")?,
+        })
     }
 }
 
@@ -196,6 +205,8 @@ impl Probes {
             .override_global(globals::TASK_TGID_OFF, &task.tgid, true)
             .override_global(globals::TASK_PID_OFF, &task.pid, true)
             .override_global(globals::TASK_STATE_OFF, &task.state, true)
+            .override_global(globals::TASK_NVCSW_OFF, &task.nvcsw, true)
+            .override_global(globals::TASK_NIVCSW_OFF, &task.nivcsw, true)
             .override_global(globals::SYSCALLS_ON, &on(group::SYSCALLS), true)
             .override_global(globals::LAZY_BEGIN, &lazy, true)
             .override_global(globals::EPOLL_SYSCALLS, &syscall_set::<3>(&EPOLL_NRS), true)
@@ -427,7 +438,13 @@ impl Probes {
             aya::maps::HashMap::try_from(self.ebpf.map_mut(maps::THREADS).context("THREADS map")?)?;
         let now = crate::report::clock_ns(libc::CLOCK_MONOTONIC);
         for tid in waiting_in_epoll(pid) {
-            let state = ThreadState { tgid: pid, flags: thread_flag::IN_EPOLL, resume_ns: now, ..Default::default() };
+            let state = ThreadState {
+                tgid: pid,
+                flags: thread_flag::IN_EPOLL,
+                resume_ns: now,
+                switches: SWITCHES_UNKNOWN,
+                ..Default::default()
+            };
             // NOEXIST: a thread that reached epoll_wait meanwhile keeps the kernel's entry.
             let _ = threads.insert(tid, state, BPF_NOEXIST);
         }
@@ -469,6 +486,10 @@ impl Probes {
 
     pub fn lost_stacks(&self) -> u64 {
         self.counter(counter::LOST_STACKS).unwrap_or(0)
+    }
+
+    pub fn late_begins(&self) -> u64 {
+        self.counter(counter::LATE_BEGIN).unwrap_or(0)
     }
 
     pub fn untracked_threads(&self) -> u64 {
