@@ -118,16 +118,17 @@ fn wait(s: &mut ThreadState, now: u64, switches: u64) {
 /// its iteration begins, at the time it last got back on CPU.
 #[inline(always)]
 pub fn resumed(s: &mut ThreadState) -> bool {
-    resumed_with(s, task::switches(task::current()))
+    resumed_with(s, || task::switches(task::current()))
 }
 
-/// `resumed`, for a thread whose context switches before the one going on now are `switches`.
+/// `resumed`, for a thread whose context switches before the one going on now are
+/// `switches()`: read only once the cheap checks say the thread has left its wait.
 #[inline(always)]
-pub fn resumed_with(s: &mut ThreadState, switches: u64) -> bool {
+pub fn resumed_with(s: &mut ThreadState, switches: impl FnOnce() -> u64) -> bool {
     if global(&LAZY_BEGIN) == 0 || s.flags & IN_EPOLL == 0 || in_wait() {
         return false;
     }
-    let begin = match begin_ns(s, current_tid(), switches) {
+    let begin = match begin_ns(s, current_tid(), switches()) {
         Some(0) => return false,
         Some(ns) => ns,
         // Later than the truth, but the thread is running now.

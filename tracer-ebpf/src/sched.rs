@@ -28,7 +28,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
         let sleeps = preempt & 1 == 0 && task::sleeping(ctx.arg(1));
         if !iteration::in_wait() {
             // schedule() has already counted the switch being made.
-            switch_out(task::switches(ctx.arg(1)).wrapping_sub(1), sleeps, now());
+            switch_out(|| task::switches(ctx.arg(1)).wrapping_sub(1), sleeps, now());
         }
         if park::enabled() {
             park::on_switch_out(current_tid(), sleeps, now());
@@ -50,7 +50,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn switch_out(switches: u64, sleeps: bool, ts: u64) {
+fn switch_out(switches: impl FnOnce() -> u64, sleeps: bool, ts: u64) {
     let Some(s) = current_thread() else { return };
     if s.iter_start_ns == 0 && !iteration::resumed_with(s, switches) {
         return;
