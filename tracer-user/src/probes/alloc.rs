@@ -1,21 +1,20 @@
 //! Finds the allocator a process really uses and where its entry points live.
 //!
-//! The dynamic linker binds `realloc` to the first definition in its search order: the
-//! executable, then LD_PRELOAD, then the libraries. A library other than libc that defines
-//! `realloc` is there to replace malloc (Debian's redis-server links libjemalloc.so.2 that way),
-//! so it wins over libc. Allocators linked into the executable with a prefix (`je_realloc` in
-//! Redis built from source) are called directly and are probed wherever they are defined.
-use std::{collections::HashSet, fs, path::{Path, PathBuf}};
+//! Debian's redis-server links libjemalloc.so.2 to replace malloc, so its `realloc` wins over
+//! libc's (`symbols` follows the dynamic linker's order); allocators linked into the
+//! executable with a prefix (`je_realloc` in Redis built from source) are probed wherever
+//! they are defined.
+use std::path::PathBuf;
 
-use anyhow::{Context as _, Result};
-use object::{Object as _, ObjectSymbol as _, SymbolKind};
+use anyhow::Result;
 
+use super::symbols;
 use crate::target::Target;
 
 /// Prefixes allocators export their API under when they do not replace the libc names.
 const PREFIXES: &[&str] = &["je_", "tc_", "mi_", "rp"];
 
-/// One function to put a uprobe on.
+/// One allocator function to put a uprobe on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllocSymbol {
     /// The object as the target names it (for messages).
@@ -29,169 +28,24 @@ pub struct AllocSymbol {
     pub dedicated: bool,
 }
 
-/// An executable object mapped by the target, with the allocator symbols it defines.
-struct MappedObject {
-    path: PathBuf,
-    open_path: PathBuf,
-    defined: Vec<(String, u64)>,
-}
-
 /// Resolves each of `funcs` (e.g. "realloc") to the definitions the target's calls reach.
 pub fn resolve(target: &Target, funcs: &[String]) -> Result<Vec<AllocSymbol>> {
-    let wanted: Vec<String> = funcs
-        .iter()
-        .flat_map(|f| std::iter::once(f.clone()).chain(PREFIXES.iter().map(move |p| format!("{p}{f}"))))
-        .collect();
-    let objects = mapped_objects(target, &wanted)?;
-    let mut found = Vec::new();
-    let mut seen = HashSet::new();
-    for func in funcs {
-        if let Some((obj, addr)) = binding_for(&objects, func, target) {
-            push_unique(&mut found, &mut seen, obj, func, addr);
-        }
-        for prefix in PREFIXES {
-            let name = format!("{prefix}{func}");
-            for obj in &objects {
-                if let Some(addr) = obj.address_of(&name) {
-                    push_unique(&mut found, &mut seen, obj, &name, addr);
-                }
-            }
-        }
-    }
-    let exe = exe_path(target);
-    for s in &mut found {
-        s.dedicated = s.object != exe && !is_libc(&s.object);
-    }
-    Ok(found)
-}
-
-fn is_libc(path: &Path) -> bool {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-linux")
-}
-
-fn push_unique(
-    found: &mut Vec<AllocSymbol>,
-    seen: &mut HashSet<(PathBuf, u64)>,
-    obj: &MappedObject,
-    symbol: &str,
-    address: u64,
-) {
-    // Aliases (realloc and je_realloc at one address) would count every call twice.
-    if seen.insert((obj.path.clone(), address)) {
-        found.push(AllocSymbol {
-            object: obj.path.clone(),
-            open_path: obj.open_path.clone(),
-            symbol: symbol.to_string(),
-            address,
-            dedicated: false,
-        });
-    }
-}
-
-impl MappedObject {
-    fn address_of(&self, name: &str) -> Option<u64> {
-        self.defined.iter().find(|(n, _)| n == name).map(|&(_, a)| a)
-    }
-}
-
-/// The object the dynamic linker binds an unprefixed `func` to.
-fn binding_for<'a>(objects: &'a [MappedObject], func: &str, target: &Target) -> Option<(&'a MappedObject, u64)> {
-    let preload = preloaded(target);
-    let rank = |o: &MappedObject| -> u8 {
-        if o.path == exe_path(target) {
-            0
-        } else if preload.iter().any(|p| p == &o.path || p.file_name() == o.path.file_name()) {
-            1
-        } else if is_libc(&o.path) {
-            3
-        } else {
-            2
-        }
-    };
-    objects
-        .iter()
-        .filter_map(|o| o.address_of(func).map(|a| (o, a)))
-        .min_by_key(|(o, _)| rank(o))
-}
-
-fn exe_path(target: &Target) -> PathBuf {
-    fs::read_link(format!("/proc/{}/exe", target.pid)).unwrap_or_default()
-}
-
-/// LD_PRELOAD entries from the target's environment (space- or colon-separated).
-fn preloaded(target: &Target) -> Vec<PathBuf> {
-    let Ok(env) = fs::read(format!("/proc/{}/environ", target.pid)) else { return Vec::new() };
-    env.split(|&b| b == 0)
-        .filter_map(|kv| kv.strip_prefix(b"LD_PRELOAD="))
-        .flat_map(|v| String::from_utf8_lossy(v).split([' ', ':']).map(PathBuf::from).collect::<Vec<_>>())
-        .filter(|p| !p.as_os_str().is_empty())
-        .collect()
-}
-
-/// Executable file mappings of the target, in /proc/PID/maps order, with their symbols.
-fn mapped_objects(target: &Target, wanted: &[String]) -> Result<Vec<MappedObject>> {
-    let maps = fs::read_to_string(format!("/proc/{}/maps", target.pid))
-        .with_context(|| format!("reading /proc/{}/maps", target.pid))?;
-    let mut seen = HashSet::new();
-    let mut objects = Vec::new();
-    for path in executable_paths(&maps) {
-        if !seen.insert(path.clone()) {
-            continue;
-        }
-        let open_path = target.root().join(path.strip_prefix("/").unwrap_or(&path));
-        let defined = defined_symbols(&open_path, wanted).unwrap_or_default();
-        objects.push(MappedObject { path, open_path, defined });
-    }
-    Ok(objects)
-}
-
-fn executable_paths(maps: &str) -> impl Iterator<Item = PathBuf> + '_ {
-    maps.lines().filter_map(|line| {
-        let mut cols = line.split_whitespace();
-        let perms = cols.nth(1)?;
-        let path = cols.nth(3)?;
-        (perms.contains('x') && path.starts_with('/')).then(|| PathBuf::from(path))
-    })
-}
-
-/// Function symbols among `wanted` that `path` defines, from .dynsym and .symtab.
-fn defined_symbols(path: &Path, wanted: &[String]) -> Result<Vec<(String, u64)>> {
-    let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let file = object::File::parse(&*data).with_context(|| format!("parsing {}", path.display()))?;
-    let mut out = Vec::new();
-    for sym in file.dynamic_symbols().chain(file.symbols()) {
-        if sym.is_undefined() || sym.kind() != SymbolKind::Text || sym.address() == 0 {
-            continue;
-        }
-        let Ok(name) = sym.name() else { continue };
-        // glibc versions its exports (realloc@@GLIBC_2.2.5); the base name is what callers bind.
-        let base = name.split('@').next().unwrap_or(name);
-        if wanted.iter().any(|w| w == base) && !out.iter().any(|(n, _)| n == base) {
-            out.push((base.to_string(), sym.address()));
-        }
-    }
-    Ok(out)
+    let exe = symbols::exe_path(target);
+    Ok(symbols::resolve(target, funcs, PREFIXES)?
+        .into_iter()
+        .map(|b| AllocSymbol {
+            dedicated: b.object != exe && !symbols::is_libc(&b.object),
+            object: b.object,
+            open_path: b.open_path,
+            symbol: b.symbol,
+            address: b.address,
+        })
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_executable_file_mappings() {
-        let maps = "\
-55d0-55d1 r--p 00000000 08:01 1 /usr/bin/redis-check-rdb
-55d1-55d2 r-xp 00001000 08:01 1 /usr/bin/redis-check-rdb
-7f00-7f01 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2
-7f02-7f03 rw-p 00000000 00:00 0
-7ffd-7ffe r-xp 00000000 00:00 0 [vdso]";
-        let paths: Vec<_> = executable_paths(maps).collect();
-        assert_eq!(
-            paths,
-            [PathBuf::from("/usr/bin/redis-check-rdb"), PathBuf::from("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")]
-        );
-    }
 
     #[test]
     fn finds_realloc_in_this_process() {
