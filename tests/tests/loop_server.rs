@@ -15,13 +15,14 @@ fn ms(v: &Value) -> f64 {
     v.as_u64().expect("integer ns") as f64 / 1e6
 }
 
-#[test]
-fn jemalloc_shrink_is_an_allocator_purge_with_the_workloads_madvise_time() {
+/// `syscall_probes`: libc (uprobes on the wrappers, an error where there are none) or
+/// tracepoints (the fallback for targets without them).
+fn jemalloc_shrink_is_an_allocator_purge_with_the_workloads_madvise_time(syscall_probes: &str) {
     let server = LoopServer::start(true).unwrap();
     let mut client = server.client().unwrap();
     // Filling is its own (app_code) stall; the shrink comes in a later iteration.
     client.call("FILL 512").unwrap();
-    let tracer = Tracer::start(server.proc.pid(), &[]).unwrap();
+    let tracer = Tracer::start(server.proc.pid(), &["--syscall-probes", syscall_probes]).unwrap();
     let shrink_ns = client.call("SHRINK").unwrap();
     thread::sleep(Duration::from_millis(300));
     let records = tracer.stop().unwrap();
@@ -32,6 +33,16 @@ fn jemalloc_shrink_is_an_allocator_purge_with_the_workloads_madvise_time() {
     assert!(stall["madvise"]["bytes"].as_u64().unwrap() >= 500 << 20, "{stall}");
     assert_eq!(stall["tid"], stall["pid"], "the loop is the main thread");
     assert_eq!(summary(&records)["lost"], 0);
+}
+
+#[test]
+fn jemalloc_shrink_is_an_allocator_purge_through_the_libc_wrappers() {
+    jemalloc_shrink_is_an_allocator_purge_with_the_workloads_madvise_time("libc");
+}
+
+#[test]
+fn jemalloc_shrink_is_an_allocator_purge_through_the_syscall_tracepoints() {
+    jemalloc_shrink_is_an_allocator_purge_with_the_workloads_madvise_time("tracepoints");
 }
 
 #[test]

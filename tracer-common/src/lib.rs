@@ -93,6 +93,8 @@ pub mod globals {
     /// `struct task_struct`, from BTF.
     pub const TASK_NVCSW_OFF: &str = "TASK_NVCSW_OFF";
     pub const TASK_NIVCSW_OFF: &str = "TASK_NIVCSW_OFF";
+    /// u64 offset of `se.sum_exec_runtime` in `struct task_struct`: a thread's CPU time.
+    pub const TASK_RUNTIME_OFF: &str = "TASK_RUNTIME_OFF";
     /// u64 1 when an iteration's start is inferred (no program at epoll's return): the
     /// registers tell whether a loop thread is still inside epoll_wait.
     pub const LAZY_BEGIN: &str = "LAZY_BEGIN";
@@ -393,6 +395,17 @@ pub struct ThreadState {
     pub off_syscall: u64,
     /// When the sampler last sent this thread's stack.
     pub last_stack_ns: u64,
+    /// The thread's CPU time at its wait's uprobe, which runs a few instructions before the
+    /// syscall (0: a tracepoint saw the wait, inside the syscall). See `iteration::resumed_with`.
+    pub wait_runtime_ns: u64,
+    /// A wrapper call a uprobe and uretprobe time (purge, connection), as at its uprobe: the
+    /// user instruction, stack and frame pointers, and the return address the uretprobe
+    /// replaced on the stack with its trampoline's (`call_sp` 0: none in flight). Stacks taken
+    /// during the call or at its return are unwound with the real address put back.
+    pub call_ip: u64,
+    pub call_sp: u64,
+    pub call_bp: u64,
+    pub call_ret: u64,
     pub parts: Components,
 }
 

@@ -45,7 +45,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     }
     if stacks::slow(own) {
         // At the return the allocator's frames are gone: the stack starts at its caller.
-        stacks::capture(&ctx, s, current_tid(), stack_kind::ALLOC, own);
+        stacks::capture(&ctx, s, current_tid(), stack_kind::ALLOC, own, false);
     }
     0
 }

@@ -8,9 +8,9 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::{map, tracepoint},
+    macros::{map, tracepoint, uprobe},
     maps::PerCpuArray,
-    programs::TracePointContext,
+    programs::{ProbeContext, TracePointContext},
 };
 use tracer_common::{
     Components, SWITCHES_UNKNOWN, StallEvent, TASK_COMM_LEN, ThreadState, counter, hist_slot,
@@ -27,6 +27,11 @@ use crate::{
 
 #[unsafe(no_mangle)]
 static LAZY_BEGIN: u64 = 0;
+
+/// CPU time a thread needs after its wait's uprobe to have entered the syscall, returned and
+/// left the wrapper: the trap's return and a dozen instructions take ~1 us on this project's
+/// VMs, and an iteration that begins within this much CPU time of it starts when first seen.
+const WRAPPER_CPU_NS: u64 = 20_000;
 #[unsafe(no_mangle)]
 static EPOLL_SYSCALLS: [u64; 3] = [u64::MAX; 3];
 
@@ -47,22 +52,40 @@ struct Resumed {
     switches: u64,
 }
 
-/// Attached to sys_enter_epoll_wait, _pwait and _pwait2: the iteration ends here.
+/// On the target's libc epoll_wait, epoll_pwait and epoll_pwait2 (see `probes::wrappers` in
+/// userspace): the iteration ends here.
+#[uprobe]
+pub fn epoll_call(_ctx: ProbeContext) -> u32 {
+    wait_entered(true)
+}
+
+/// The same on sys_enter_epoll_wait, _pwait and _pwait2, for a target whose wrappers were
+/// not found (a static binary, raw syscalls).
 #[tracepoint]
 pub fn epoll_enter(_ctx: TracePointContext) -> u32 {
+    wait_entered(false)
+}
+
+/// `before_syscall`: a uprobe on the wrapper, which runs before the syscall is entered.
+#[inline(always)]
+fn wait_entered(before_syscall: bool) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     if other_process(tgid) {
         return 0;
     }
     let now = now();
-    let switches = task::switches(task::current());
+    let current = task::current();
+    let switches = task::switches(current);
     let Some(s) = thread(tid).filter(|s| s.tgid == tgid) else {
         // The first wait of this thread, or a recycled tid.
         track_thread(tgid, tid, now, switches);
         return 0;
     };
-    let start = if s.iter_start_ns != 0 { s.iter_start_ns } else { begin_ns(s, tid, switches).unwrap_or(0) };
+    let start = match s.iter_start_ns {
+        0 => begin_ns(s, tid, switches).unwrap_or(0),
+        begun => woke_in_wait_since(begun, tid).unwrap_or(begun),
+    };
     if start != 0 {
         let duration = now.saturating_sub(start);
         if !record_histogram(tid, duration) {
@@ -75,6 +98,7 @@ pub fn epoll_enter(_ctx: TracePointContext) -> u32 {
         }
     }
     wait(s, now, switches);
+    s.wait_runtime_ns = if before_syscall { task::runtime(current).max(1) } else { 0 };
     0
 }
 
@@ -107,6 +131,8 @@ fn wait(s: &mut ThreadState, now: u64, switches: u64) {
     s.alloc_depth = 0;
     s.alloc_start_ns = 0;
     s.off_start_ns = 0;
+    s.call_sp = 0;
+    s.call_ret = 0;
     // Programs add to the components only inside a begun iteration, so an iteration no
     // program saw left them clean: most of a busy server's, and they span cold cache lines.
     if begun {
@@ -115,17 +141,28 @@ fn wait(s: &mut ThreadState, now: u64, switches: u64) {
 }
 
 /// Whether a loop thread found outside an iteration has in fact left its epoll wait; if so,
-/// its iteration begins, at the time it last got back on CPU.
+/// its iteration begins, at the time it last got back on CPU. `observed`: the caller saw the
+/// thread from outside (the sampler) rather than at a call it makes, which proves it left.
 #[inline(always)]
-pub fn resumed(s: &mut ThreadState) -> bool {
-    resumed_with(s, || task::switches(task::current()))
+pub fn resumed(s: &mut ThreadState, observed: bool) -> bool {
+    resumed_with(s, || task::switches(task::current()), observed)
 }
 
 /// `resumed`, for a thread whose context switches before the one going on now are
 /// `switches()`: read only once the cheap checks say the thread has left its wait.
+///
+/// A uprobe on the wrapper marks the wait a few instructions before its syscall; a thread
+/// observed in between (preempted on the way back from the probe's trap) has no syscall in
+/// its registers yet, and beginning its iteration then would put the wait's sleep inside it.
+/// So an observed thread that has run less than `WRAPPER_CPU_NS` since the probe is taken to
+/// be still on its way in: a later program begins the iteration (at a switch-in meanwhile, if
+/// any: off-CPU time in that first stretch is not counted).
 #[inline(always)]
-pub fn resumed_with(s: &mut ThreadState, switches: impl FnOnce() -> u64) -> bool {
+pub fn resumed_with(s: &mut ThreadState, switches: impl FnOnce() -> u64, observed: bool) -> bool {
     if global(&LAZY_BEGIN) == 0 || s.flags & IN_EPOLL == 0 || in_wait() {
+        return false;
+    }
+    if observed && s.wait_runtime_ns != 0 && task::runtime(task::current()).wrapping_sub(s.wait_runtime_ns) < WRAPPER_CPU_NS {
         return false;
     }
     let begin = match begin_ns(s, current_tid(), switches()) {
@@ -175,6 +212,16 @@ fn begin_ns(s: &ThreadState, tid: u32, switches: u64) -> Option<u64> {
         return None;
     }
     Some(ns)
+}
+
+/// A uprobe on the wrapper runs a few instructions before the syscall, and a program that
+/// sees the thread in between (a preemption on the way back from the probe's trap) finds no
+/// syscall in its registers and begins an iteration. If the thread then slept in its wait,
+/// sched_switch put it back on CPU inside the wait after that begin: the iteration began
+/// there.
+#[inline(always)]
+fn woke_in_wait_since(begun: u64, tid: u32) -> Option<u64> {
+    RESUMED.get(0).filter(|r| r.tid == tid as u64 && r.ns > begun).map(|r| r.ns)
 }
 
 /// sched_switch puts a loop thread back on CPU: if it is still in its wait, its iteration

@@ -1,12 +1,16 @@
 //! Purge group: madvise, munmap and mremap, the syscalls through which an allocator hands
 //! memory back. Their time inside an iteration is the primary purge signal; allocator uprobes
 //! only refine it.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    EbpfContext,
+    macros::{tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
+};
 use tracer_common::{hist_slot, purge_kind, stack_kind, tp};
 
 use crate::{
     stacks,
-    state::{current_iteration, current_thread, current_tid, histograms, now},
+    state::{cookie, current_iteration, current_thread, current_tid, histograms, now},
 };
 
 #[tracepoint]
@@ -31,9 +35,34 @@ pub fn mremap_enter(ctx: TracePointContext) -> u32 {
     purge_enter(purge_kind::MREMAP, old_len.saturating_sub(new_len))
 }
 
+/// On the target's libc madvise, munmap and mremap; the attach cookie says which
+/// (`purge_kind`).
+#[uprobe]
+pub fn purge_call(ctx: ProbeContext) -> u32 {
+    let kind = cookie(&ctx);
+    let arg = |n| ctx.arg::<u64>(n).unwrap_or(0);
+    let len = if kind == purge_kind::MREMAP { arg(1).saturating_sub(arg(2)) } else { arg(1) };
+    purge_enter(kind, len);
+    if let Some(s) = current_thread().filter(|s| s.purge_start_ns != 0) {
+        stacks::remember_call(s);
+    }
+    0
+}
+
+#[uretprobe]
+pub fn purge_return(ctx: RetProbeContext) -> u32 {
+    purge_done(&ctx)
+}
+
 /// Shared by the three sys_exit tracepoints: the entry remembered which call it was.
 #[tracepoint]
 pub fn purge_exit(ctx: TracePointContext) -> u32 {
+    // Still inside the syscall: the user registers are those of the madvise call site.
+    purge_done(&ctx)
+}
+
+#[inline(always)]
+fn purge_done<C: EbpfContext + StackIdContext>(ctx: &C) -> u32 {
     let Some(s) = current_thread() else { return 0 };
     if s.purge_start_ns == 0 {
         return 0;
@@ -56,9 +85,9 @@ pub fn purge_exit(ctx: TracePointContext) -> u32 {
         h.purge_bytes += s.purge_len;
     }
     if stacks::slow(elapsed) {
-        // Still inside the syscall: the user registers are those of the madvise call site.
-        stacks::capture(&ctx, s, current_tid(), stack_kind::PURGE, elapsed);
+        stacks::capture(ctx, s, current_tid(), stack_kind::PURGE, elapsed, true);
     }
+    stacks::forget_call(s);
     0
 }
 

@@ -52,7 +52,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
 #[inline(always)]
 fn switch_out(switches: impl FnOnce() -> u64, sleeps: bool, ts: u64) {
     let Some(s) = current_thread() else { return };
-    if s.iter_start_ns == 0 && !iteration::resumed_with(s, switches) {
+    if s.iter_start_ns == 0 && !iteration::resumed_with(s, switches, true) {
         return;
     }
     if sleeps {

@@ -4,7 +4,7 @@
 //! top of the user stack, and userspace unwinds them from .eh_frame.
 use aya_ebpf::{
     EbpfContext,
-    helpers::bpf_probe_read_user_buf,
+    helpers::{bpf_probe_read_user, bpf_probe_read_user_buf},
     macros::{map, perf_event},
     maps::{RingBuf, StackTrace},
     programs::{PerfEventContext, tracing::StackIdContext},
@@ -12,7 +12,7 @@ use aya_ebpf::{
 use tracer_common::{STACK_BYTES, StackEvent, ThreadState, counter, stack_kind};
 
 use crate::{
-    state::{count, current_iteration, current_tid, global, now, threshold_ns},
+    state::{count, current_tid, global, now, observed_iteration, threshold_ns},
     syscalls, task,
 };
 
@@ -52,7 +52,7 @@ pub fn slow(ns: u64) -> bool {
 /// tgid compare.
 #[perf_event]
 pub fn stall_sample(ctx: PerfEventContext) -> u32 {
-    let Some(s) = current_iteration() else { return 0 };
+    let Some(s) = observed_iteration() else { return 0 };
     let other = syscalls::current_other(s);
     if let Some(nr) = other {
         syscalls::sampled(s, nr, global(&SAMPLE_PERIOD_NS));
@@ -71,13 +71,43 @@ pub fn stall_sample(ctx: PerfEventContext) -> u32 {
     // Userspace splits the unexplained time by where such samples land (the allocator or not).
     let measured = other.is_some() || s.purge_start_ns != 0 || s.sys_start_ns != 0;
     let kind = if measured { stack_kind::SAMPLE_MEASURED } else { stack_kind::SAMPLE };
-    capture(&ctx, s, current_tid(), kind, every);
+    capture(&ctx, s, current_tid(), kind, every, false);
     0
+}
+
+/// At a uprobe on a wrapper whose return a uretprobe times: where the call came from (see
+/// `ThreadState::call_ret`).
+#[inline(always)]
+pub fn remember_call(s: &mut ThreadState) {
+    let regs = task::current_regs();
+    let sp: u64 = task::read(regs, &PT_REGS_SP_OFF);
+    // The probe sits before anything moves the stack pointer (userspace checks), so the
+    // return address is at it.
+    s.call_ret = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    s.call_ip = task::read(regs, &PT_REGS_IP_OFF);
+    s.call_bp = task::read(regs, &PT_REGS_BP_OFF);
+    s.call_sp = sp;
+}
+
+/// The wrapper call is over.
+#[inline(always)]
+pub fn forget_call(s: &mut ThreadState) {
+    s.call_sp = 0;
+    s.call_ret = 0;
 }
 
 /// Sends the calling thread's user registers, the top of its user stack and its kernel stack.
 #[inline(never)]
-pub fn capture<C: EbpfContext + StackIdContext>(ctx: &C, s: &ThreadState, tid: u32, kind: u32, weight_ns: u64) {
+/// `at_call`: unwind from where the in-flight wrapper call was made (at its uretprobe the
+/// registers are the trampoline's) rather than from where the thread is now.
+pub fn capture<C: EbpfContext + StackIdContext>(
+    ctx: &C,
+    s: &ThreadState,
+    tid: u32,
+    kind: u32,
+    weight_ns: u64,
+    at_call: bool,
+) {
     let Some(mut entry) = STACK_EVENTS.reserve::<StackEvent>(0) else {
         count(counter::LOST_STACKS);
         return;
@@ -94,15 +124,40 @@ pub fn capture<C: EbpfContext + StackIdContext>(ctx: &C, s: &ThreadState, tid: u
         // At a syscall's exit the kernel stack is only the exit path; a timer sample that
         // lands in the kernel shows where the kernel spends the stall.
         (*ev).kstack_id = if kind >= stack_kind::SAMPLE { ctx.get_stackid(&KSTACKS, 0).map_or(-1, |id| id as i32) } else { -1 };
-        // The user registers, wherever the thread is now (in a syscall, or interrupted).
-        let regs = task::current_regs();
-        (*ev).ip = task::read(regs, &PT_REGS_IP_OFF);
-        (*ev).sp = task::read(regs, &PT_REGS_SP_OFF);
-        (*ev).bp = task::read(regs, &PT_REGS_BP_OFF);
+        if at_call && s.call_sp != 0 {
+            ((*ev).ip, (*ev).sp, (*ev).bp) = (s.call_ip, s.call_sp, s.call_bp);
+        } else {
+            // The user registers, wherever the thread is now (in a syscall, or interrupted).
+            let regs = task::current_regs();
+            (*ev).ip = task::read(regs, &PT_REGS_IP_OFF);
+            (*ev).sp = task::read(regs, &PT_REGS_SP_OFF);
+            (*ev).bp = task::read(regs, &PT_REGS_BP_OFF);
+        }
         (*ev).stack_len = copy_stack((*ev).sp, &mut (*ev).stack);
+        put_back_return(s, (*ev).sp, (*ev).stack_len, &mut (*ev).stack);
     }
     entry.submit(0);
     count(counter::STACKS);
+}
+
+/// Writes the in-flight wrapper's real return address over its uretprobe trampoline's in a
+/// copied stack, where the copy holds that slot: else the unwinder stops at the trampoline.
+#[inline(always)]
+fn put_back_return(s: &ThreadState, sp: u64, len: u64, buf: &mut [u8; STACK_BYTES]) {
+    if s.call_sp == 0 || s.call_ret == 0 {
+        return;
+    }
+    let off = s.call_sp.wrapping_sub(sp);
+    if off.saturating_add(8) > len {
+        return;
+    }
+    let bytes = s.call_ret.to_le_bytes();
+    let mut i = 0;
+    while i < 8 {
+        // The mask changes nothing (checked above) but shows the verifier the bound.
+        buf[(off as usize + i) & (STACK_BYTES - 1)] = bytes[i];
+        i += 1;
+    }
 }
 
 /// Copies as much of the stack as exists: a read that crosses the top of the stack mapping

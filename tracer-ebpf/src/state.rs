@@ -1,6 +1,7 @@
 //! Maps, globals and the per-thread lookup every program starts with.
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    EbpfContext,
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
@@ -87,11 +88,25 @@ pub fn thread(tid: u32) -> Option<&'static mut ThreadState> {
 }
 
 /// The calling thread's state while it is inside an iteration (which may begin here: see
-/// `iteration::resumed`).
+/// `iteration::resumed`), from a program on a call the thread makes.
 #[inline(always)]
 pub fn current_iteration() -> Option<&'static mut ThreadState> {
     let s = current_thread()?;
-    (s.iter_start_ns != 0 || crate::iteration::resumed(s)).then_some(s)
+    (s.iter_start_ns != 0 || crate::iteration::resumed(s, false)).then_some(s)
+}
+
+/// `current_iteration`, for the sampler, which finds the thread wherever it is.
+#[inline(always)]
+pub fn observed_iteration() -> Option<&'static mut ThreadState> {
+    let s = current_thread()?;
+    (s.iter_start_ns != 0 || crate::iteration::resumed(s, true)).then_some(s)
+}
+
+/// What userspace attached a program with, where one program serves several functions.
+#[inline(always)]
+pub fn cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: a helper every program type with attach cookies may call.
+    unsafe { bpf_get_attach_cookie(ctx.as_ptr()) }
 }
 
 #[inline(always)]

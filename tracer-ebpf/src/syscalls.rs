@@ -4,9 +4,10 @@
 //! is attached: the sampler (`stacks::stall_sample`) reads which syscall a loop thread is in
 //! while on CPU, and sched_switch which one it went off CPU in (exact off-CPU time).
 use aya_ebpf::{
-    macros::{map, tracepoint},
+    EbpfContext,
+    macros::{map, tracepoint, uprobe, uretprobe},
     maps::PerCpuHashMap,
-    programs::TracePointContext,
+    programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
 };
 use tracer_common::{
     CONN_SYSCALLS_LEN, Components, SKIP_SYSCALLS_LEN, TOP_SYSCALLS, TargetStats, ThreadState, stack_kind, tp,
@@ -14,7 +15,7 @@ use tracer_common::{
 
 use crate::{
     stacks,
-    state::{current_iteration, current_thread, current_tid, global, now},
+    state::{cookie, current_iteration, current_thread, current_tid, global, now},
     task,
 };
 
@@ -37,8 +38,26 @@ static ACCEPT_SYSCALLS: [u64; 2] = [u64::MAX; 2];
 #[map]
 pub static TARGET_STATS: PerCpuHashMap<u32, TargetStats> = PerCpuHashMap::with_max_entries(1024, 0);
 
-/// syscalls:sys_enter_<accept4, close, epoll_ctl...>: only the connection syscalls, so the
-/// net group accounts them without paying for every syscall on the host.
+/// On the target's libc accept4, close, setsockopt...; the attach cookie is the syscall's
+/// number.
+#[uprobe]
+pub fn conn_call(ctx: ProbeContext) -> u32 {
+    let Some(s) = current_iteration() else { return 0 };
+    begin(s, cookie(&ctx));
+    stacks::remember_call(s);
+    0
+}
+
+#[uretprobe]
+pub fn conn_return(ctx: RetProbeContext) -> u32 {
+    // libc returns the new descriptor, or -1 with errno set.
+    let accepted = ctx.ret::<i64>() >= 0;
+    conn_done(&ctx, accepted)
+}
+
+/// syscalls:sys_enter_<accept4, close, setsockopt...>, where the wrappers were not found:
+/// only the connection syscalls, so the net group accounts them without a program on every
+/// syscall of the host.
 #[tracepoint]
 pub fn conn_enter(ctx: TracePointContext) -> u32 {
     let Some(s) = current_iteration() else { return 0 };
@@ -58,6 +77,12 @@ fn begin(s: &mut ThreadState, nr: u64) {
 /// The connection syscalls' exits.
 #[tracepoint]
 pub fn conn_exit(ctx: TracePointContext) -> u32 {
+    let accepted = unsafe { ctx.read_at::<i64>(tp::SYS_EXIT_RET) }.is_ok_and(|fd| fd >= 0);
+    conn_done(&ctx, accepted)
+}
+
+#[inline(always)]
+fn conn_done<C: EbpfContext + StackIdContext>(ctx: &C, accepted: bool) -> u32 {
     let Some(s) = current_thread() else { return 0 };
     if s.sys_start_ns == 0 {
         return 0;
@@ -70,15 +95,15 @@ pub fn conn_exit(ctx: TracePointContext) -> u32 {
     let nr = s.sys_nr;
     s.parts.conn_calls += 1;
     s.parts.conn_ns += on_cpu;
-    let accepted = unsafe { ctx.read_at::<i64>(tp::SYS_EXIT_RET) }.is_ok_and(|fd| fd >= 0);
     if accepted && contains(&global(&ACCEPT_SYSCALLS), nr) {
         s.parts.accepts += 1;
         count_accept(s.tgid);
     }
     add_top(&mut s.parts, nr, wall);
     if stacks::slow(wall) {
-        stacks::capture(&ctx, s, current_tid(), stack_kind::SYSCALL, wall);
+        stacks::capture(ctx, s, current_tid(), stack_kind::SYSCALL, wall, true);
     }
+    stacks::forget_call(s);
     0
 }
 

@@ -15,6 +15,8 @@ static TASK_NVCSW_OFF: u64 = 0;
 #[unsafe(no_mangle)]
 static TASK_NIVCSW_OFF: u64 = 0;
 #[unsafe(no_mangle)]
+static TASK_RUNTIME_OFF: u64 = 0;
+#[unsafe(no_mangle)]
 static PT_REGS_SYSNR_OFF: u64 = u64::MAX;
 #[unsafe(no_mangle)]
 static PT_REGS_RET_OFF: u64 = u64::MAX;
@@ -61,6 +63,13 @@ pub fn sleeping(t: Task) -> bool {
 #[inline(always)]
 pub fn switches(t: Task) -> u64 {
     read::<u64>(t, &TASK_NVCSW_OFF).wrapping_add(read::<u64>(t, &TASK_NIVCSW_OFF))
+}
+
+/// The task's CPU time in ns, as of its last scheduler update: exact at sched_switch (the
+/// task switched out has just been charged), up to a tick old elsewhere.
+#[inline(always)]
+pub fn runtime(t: Task) -> u64 {
+    read(t, &TASK_RUNTIME_OFF)
 }
 
 #[inline(always)]

@@ -4,6 +4,7 @@ use std::time::Duration;
 use anyhow::{Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use tracer_common::group;
+use crate::probes::SyscallProbes;
 
 #[derive(Parser, Debug)]
 #[command(name = "stalltrace", version, about = "Finds event-loop stalls in a running process and says why they happened.")]
@@ -80,6 +81,12 @@ pub struct CommonArgs {
     /// ~0.9 us a call) instead of sampling stalled stacks. Implies the alloc group.
     #[arg(long)]
     pub alloc_calls: bool,
+    /// How the loop, purge and net groups see epoll_wait, madvise, accept and the like: uprobes
+    /// on the target's libc wrappers (no cost to other processes), or syscall tracepoints (every
+    /// syscall on the host takes the kernel's slow path meanwhile). auto: the wrappers where the
+    /// target has them, tracepoints elsewhere; libc: only the wrappers.
+    #[arg(long, value_enum, default_value_t = SyscallProbes::Auto)]
+    pub syscall_probes: SyscallProbes,
 }
 
 #[derive(Args, Debug)]

@@ -75,7 +75,8 @@ pub fn trace(pid: u32, common: &CommonArgs) -> Result<()> {
         pid,
         threshold_ns: common.threshold.as_nanos() as u64,
         duration: common.duration,
-        probes: ProbeConfig::new(common.probes, common.alloc_funcs.clone(), common.alloc_calls),
+        probes: ProbeConfig::new(common.probes, common.alloc_funcs.clone(), common.alloc_calls)
+            .with_syscall_probes(common.syscall_probes),
         storm_rate: common.storm_rate,
         starvation: starvation::StarveConfig {
             share: common.starve_share,

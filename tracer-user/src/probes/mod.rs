@@ -2,7 +2,9 @@
 pub mod alloc;
 pub mod btf;
 pub mod sparse;
+pub mod symbols;
 pub mod tracefs;
+pub mod wrappers;
 
 use std::num::NonZeroU32;
 
@@ -10,11 +12,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::PerCpuArray,
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
 };
 use tracer_common::{
     CONN_SYSCALLS_LEN, SKIP_SYSCALLS_LEN, SWITCHES_UNKNOWN, TargetStats, ThreadState, counter, globals, group, maps,
-    thread_flag,
+    purge_kind, thread_flag,
 };
 
 use crate::target::Target;
@@ -29,6 +34,30 @@ pub struct ProbeConfig {
     /// Time every call of them with a uprobe pair (exact per-call latency, ~0.9 us a call)
     /// instead of from the sampler's stacks.
     pub alloc_calls: bool,
+    pub syscall_probes: SyscallProbes,
+}
+
+/// What a group does, in auto mode, with a wrapper whose uprobe would be stepped out of line
+/// (~12 us a hit on this project's VMs instead of ~1): `Probe` where calls are rare (purges),
+/// `Skip` where a storm makes them frequent and the group can do without (setsockopt),
+/// `Fallback` to the tracepoints where every iteration would pay (epoll waits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stepped {
+    Probe,
+    Skip,
+    Fallback,
+}
+
+/// How the loop, purge and net groups see the syscalls they time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyscallProbes {
+    /// Uprobes on the target's libc wrappers where it has them, syscall tracepoints elsewhere.
+    #[default]
+    Auto,
+    /// Uprobes on the target's libc wrappers only; an error where it has none.
+    Libc,
+    /// Syscall tracepoints: every syscall on the host takes the kernel's slow path meanwhile.
+    Tracepoints,
 }
 
 impl ProbeConfig {
@@ -40,7 +69,11 @@ impl ProbeConfig {
         } else if groups & group::ALLOC != 0 {
             groups |= group::STACKS;
         }
-        Self { groups, alloc_funcs, alloc_calls }
+        Self { groups, alloc_funcs, alloc_calls, syscall_probes: SyscallProbes::default() }
+    }
+
+    pub fn with_syscall_probes(self, syscall_probes: SyscallProbes) -> Self {
+        Self { syscall_probes, ..self }
     }
 
     fn funcs(&self) -> Vec<String> {
@@ -125,6 +158,7 @@ struct TaskGlobals {
     state: u64,
     nvcsw: u64,
     nivcsw: u64,
+    runtime: u64,
 }
 
 impl TaskGlobals {
@@ -137,6 +171,7 @@ impl TaskGlobals {
             state,
             nvcsw: types.offset("task_struct", "nvcsw")?,
             nivcsw: types.offset("task_struct", "nivcsw")?,
+            runtime: types.offset("task_struct", "se.sum_exec_runtime")?,
         })
     }
 }
@@ -207,6 +242,7 @@ impl Probes {
             .override_global(globals::TASK_STATE_OFF, &task.state, true)
             .override_global(globals::TASK_NVCSW_OFF, &task.nvcsw, true)
             .override_global(globals::TASK_NIVCSW_OFF, &task.nivcsw, true)
+            .override_global(globals::TASK_RUNTIME_OFF, &task.runtime, true)
             .override_global(globals::SYSCALLS_ON, &on(group::SYSCALLS), true)
             .override_global(globals::LAZY_BEGIN, &lazy, true)
             .override_global(globals::EPOLL_SYSCALLS, &syscall_set::<3>(&EPOLL_NRS), true)
@@ -249,7 +285,7 @@ impl Probes {
             bail!("the loop group cannot be switched off: it defines iterations");
         }
         if config.groups & group::PURGE != 0 {
-            self.attach_purge()?;
+            self.attach_purge(target, config.syscall_probes)?;
         }
         // The park group keeps its sleep bookkeeping in the same sched_switch program.
         // The syscalls group learns from sched_switch which syscall a thread slept in.
@@ -264,7 +300,7 @@ impl Probes {
             self.attach_alloc(target, config)?;
         }
         if config.groups & group::NET != 0 {
-            self.attach_net(target)?;
+            self.attach_net(target, config.syscall_probes)?;
         }
         if config.groups & (group::STACKS | group::SYSCALLS) != 0 {
             self.attach_sampler(SAMPLE_PERIOD_NS)?;
@@ -273,7 +309,7 @@ impl Probes {
         // iteration measured before sched_switch is in place misses its off-CPU time (a
         // 100 ms epoll timeout became a 100 ms app_code stall while the groups above took
         // their time to load: BTF parsing, symbol resolution).
-        self.attach_loop()
+        self.attach_loop(target, config.syscall_probes)
     }
 
     /// A CPU-clock perf event on every CPU runs `stall_sample`, which looks only at a loop
@@ -297,12 +333,12 @@ impl Probes {
         Ok(())
     }
 
-    fn attach_net(&mut self, target: &Target) -> Result<()> {
+    fn attach_net(&mut self, target: &Target, mode: SyscallProbes) -> Result<()> {
         let mut stats: aya::maps::PerCpuHashMap<_, u32, TargetStats> =
             aya::maps::PerCpuHashMap::try_from(self.ebpf.map_mut(maps::TARGET_STATS).context("TARGET_STATS")?)?;
         let zero = aya::maps::PerCpuValues::try_from(vec![TargetStats::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?])?;
         stats.insert(target.pid, zero, 0)?;
-        self.attach_conn_syscalls()?;
+        self.attach_conn_syscalls(target, mode)?;
         self.tracepoint("conn_state", "sock", &["inet_sock_set_state"])?;
         self.tracepoint("rst_sent", "tcp", &["tcp_send_reset"])?;
         self.tracepoint("rst_received", "tcp", &["tcp_receive_reset"])?;
@@ -321,7 +357,11 @@ impl Probes {
 
     /// The connection syscalls on their own tracepoints: the net group accounts accepts and
     /// connection set-up without the syscalls group's cost on every syscall of the host.
-    fn attach_conn_syscalls(&mut self) -> Result<()> {
+    fn attach_conn_syscalls(&mut self, target: &Target, mode: SyscallProbes) -> Result<()> {
+        let traced: Vec<(&str, i64)> = CONN.iter().filter(|c| c.2).map(|c| (c.0, c.1)).collect();
+        if let Some(sites) = self.wrapper_sites(target, mode, "net", &traced, Stepped::Skip)? {
+            return self.attach_sites(&["conn_call", "conn_return"], target, &sites);
+        }
         let present: Vec<&str> = CONN
             .iter()
             .filter(|c| c.2 && tracefs::exists("syscalls", &format!("sys_enter_{}", c.0)))
@@ -348,7 +388,13 @@ impl Probes {
         self.attached.iter().any(|a| a == "fentry:tcp_conn_request")
     }
 
-    fn attach_loop(&mut self) -> Result<()> {
+    fn attach_loop(&mut self, target: &Target, mode: SyscallProbes) -> Result<()> {
+        // Without lazy iteration starts the exits need tracepoints anyway.
+        let mode = if self.lazy_begin { mode } else { SyscallProbes::Tracepoints };
+        if let Some(sites) = self.wrapper_sites(target, mode, "loop", &EPOLL_WRAPPERS, Stepped::Fallback)? {
+            self.attach_sites(&["epoll_call"], target, &sites)?;
+            return self.tracepoint("thread_exit", "sched", &["sched_process_exit"]);
+        }
         // epoll_pwait2 arrived in 5.11 and epoll_wait is absent on arm64: take what exists.
         let waits: Vec<&str> = ["epoll_wait", "epoll_pwait", "epoll_pwait2"]
             .into_iter()
@@ -367,7 +413,15 @@ impl Probes {
         self.tracepoint("thread_exit", "sched", &["sched_process_exit"])
     }
 
-    fn attach_purge(&mut self) -> Result<()> {
+    fn attach_purge(&mut self, target: &Target, mode: SyscallProbes) -> Result<()> {
+        let wrappers = [
+            ("madvise", purge_kind::MADVISE as i64),
+            ("munmap", purge_kind::MUNMAP as i64),
+            ("mremap", purge_kind::MREMAP as i64),
+        ];
+        if let Some(sites) = self.wrapper_sites(target, mode, "purge", &wrappers, Stepped::Probe)? {
+            return self.attach_sites(&["purge_call", "purge_return"], target, &sites);
+        }
         self.tracepoint("madvise_enter", "syscalls", &["sys_enter_madvise"])?;
         self.tracepoint("munmap_enter", "syscalls", &["sys_enter_munmap"])?;
         self.tracepoint("mremap_enter", "syscalls", &["sys_enter_mremap"])?;
@@ -413,6 +467,81 @@ impl Probes {
         for s in symbols {
             self.attached.push(format!("uprobe {}:{}", s.object.display(), s.symbol));
         }
+        Ok(())
+    }
+
+    /// The probe sites of the target's wrappers among `wanted` (name, attach cookie), or None
+    /// where the group falls back to syscall tracepoints.
+    fn wrapper_sites(
+        &mut self,
+        target: &Target,
+        mode: SyscallProbes,
+        group: &str,
+        wanted: &[(&str, i64)],
+        stepped: Stepped,
+    ) -> Result<Option<Vec<(wrappers::Site, u64)>>> {
+        if mode == SyscallProbes::Tracepoints {
+            return Ok(None);
+        }
+        let names: Vec<&str> = wanted.iter().map(|w| w.0).collect();
+        let mut sites = wrappers::sites(target, &names)?;
+        let slow: Vec<String> = sites.iter().filter(|s| !s.emulated).map(|s| s.binding.symbol.clone()).collect();
+        let tracepoints = |why: String| {
+            format!("{group} group: {why}: syscall tracepoints instead, which slow every syscall on the host while attached")
+        };
+        if sites.is_empty() {
+            let msg = format!("PID {} maps no object defining {}", target.pid, names.join(", "));
+            if mode == SyscallProbes::Libc {
+                bail!("{msg} (--syscall-probes tracepoints probes the syscalls instead)");
+            }
+            self.notes.push(tracepoints(msg));
+            return Ok(None);
+        }
+        if mode == SyscallProbes::Auto && !slow.is_empty() {
+            let why = format!(
+                "a uprobe on {} would trap twice a call (no emulated instruction before the syscall)",
+                slow.join(", ")
+            );
+            match stepped {
+                Stepped::Probe => {}
+                Stepped::Skip => {
+                    self.notes.push(format!("{group} group: {why}: those calls are not timed"));
+                    sites.retain(|s| s.emulated);
+                }
+                Stepped::Fallback => {
+                    self.notes.push(tracepoints(why));
+                    return Ok(None);
+                }
+            }
+        }
+        let cookie = |name: &str| wanted.iter().find(|w| w.0 == name).map_or(0, |w| w.1 as u64);
+        let with_cookies = sites.into_iter().map(|s| {
+            let c = cookie(&s.binding.symbol);
+            (s, c)
+        });
+        Ok(Some(with_cookies.collect()))
+    }
+
+    /// Uprobe (and uretprobe) programs on every site, pid-scoped: no other process pays.
+    fn attach_sites(&mut self, progs: &[&str], target: &Target, sites: &[(wrappers::Site, u64)]) -> Result<()> {
+        let pid = NonZeroU32::new(target.pid).ok_or_else(|| anyhow!("PID 0"))?;
+        for prog in progs {
+            let p: &mut UProbe = program(&mut self.ebpf, prog)?.try_into()?;
+            p.load().with_context(|| format!("loading {prog}"))?;
+            for (site, cookie) in sites {
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::SymbolOffset(&site.binding.symbol, site.offset),
+                    cookie: Some(*cookie),
+                };
+                let id = p
+                    .attach(point, &site.binding.open_path, UProbeScope::OneProcess(pid))
+                    .with_context(|| format!("attaching {prog} to {}", site.describe()))?;
+                self.links.push(Box::new(p.take_link(id)?));
+            }
+        }
+        let kind = if progs.len() > 1 { "uprobes+uretprobes" } else { "uprobes" };
+        let names: Vec<String> = sites.iter().map(|(s, _)| s.describe()).collect();
+        self.attached.push(format!("{kind} {}", names.join(" ")));
         Ok(())
     }
 
@@ -516,6 +645,8 @@ const CONN: [(&str, i64, bool); 11] = [
     ("epoll_ctl", libc::SYS_epoll_ctl, false),
 ];
 const ACCEPT_NRS: [i64; 2] = [libc::SYS_accept, libc::SYS_accept4];
+/// The loop group's wrappers; the cookie is unused.
+const EPOLL_WRAPPERS: [(&str, i64); 3] = [("epoll_wait", 0), ("epoll_pwait", 0), ("epoll_pwait2", 0)];
 #[cfg(target_arch = "x86_64")]
 const EPOLL_NRS: [i64; 3] = [libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
 #[cfg(not(target_arch = "x86_64"))]
@@ -542,13 +673,12 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::
 }
 
 /// Syscalls that attached groups account for, which the syscalls group must not count twice.
+/// The net group's timed calls need no entry: the sampler leaves a call being timed alone,
+/// and counts the connection calls left untimed (a stepped wrapper's) as connection work.
 fn skip_syscalls(groups: u32) -> [u64; SKIP_SYSCALLS_LEN] {
     let mut nrs = EPOLL_NRS.to_vec();
     if groups & group::PURGE != 0 {
         nrs.extend([libc::SYS_madvise, libc::SYS_munmap, libc::SYS_mremap]);
-    }
-    if groups & group::NET != 0 {
-        nrs.extend(CONN.iter().filter(|c| c.2).map(|c| c.1));
     }
     let mut skip = [u64::MAX; SKIP_SYSCALLS_LEN];
     for (slot, nr) in skip.iter_mut().zip(nrs) {
