@@ -161,7 +161,14 @@ fn rotation_under_a_burst_keeps_every_record() {
     eprintln!("{} records in {files} journal files; the daemon wrote {written}; {spins} spin stalls", records.len());
     assert!(files > 10, "the burst should have rotated the journal");
     assert_eq!(records.len(), written, "records lost in rotation");
-    assert!(spins >= 300, "300 spins, {spins} stall records");
+    // An iteration whose wake-up sched_switch never showed is not timed, only counted.
+    let late: usize = logged
+        .split(&format!("detached from PID {}: ", server.proc.pid()))
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the daemon's late begins for the server");
+    assert!(spins + late >= 300, "300 spins, {spins} stall records, {late} late begins");
 }
 
 /// Minimal HTTP GET on loopback, returning the body.

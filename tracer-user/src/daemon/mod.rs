@@ -192,6 +192,10 @@ impl Daemon {
             for e in l.session.drain(true) {
                 journal.write(&event_json(&e))?;
             }
+            // Iterations the kernel never showed waking are not timed: say how many.
+            if l.session.refresh().is_ok() {
+                log(&format!("detached from PID {}: {} late begins (iterations not timed)", l.pid, l.session.app.late_begins));
+            }
             // Dropping the session detaches its links and unloads its programs.
         }
         journal.flush()
