@@ -17,15 +17,21 @@ use super::{
 /// to each operation.
 const K: u32 = 100;
 
-/// (hotloop mode, probe groups, what the difference measures).
-const CASES: [(&str, &str, &str); 6] = [
-    ("epoll", "loop", "one loop iteration: `epoll_wait(0)` returning one event"),
-    // No program runs on getppid here: what is left is the kernel's slower syscall path,
-    // switched on for every task while any syscall tracepoint is attached.
-    ("getppid", "loop", "`getppid` with no probe on it (syscall slow path only)"),
+/// (hotloop mode, probe groups, what the difference measures). Each syscall the groups time
+/// is measured both ways: a uprobe on the target's libc wrapper (the default) and its syscall
+/// tracepoint (`--syscall-probes tracepoints`, which every other process pays for too).
+const CASES: [(&str, &str, &str); 9] = [
+    ("epoll", "loop", "one loop iteration: `epoll_wait(0)` returning one event (uprobe on libc's wrapper, emulated)"),
+    ("epoll", "loop --syscall-probes tracepoints", "the same with the syscall tracepoint"),
+    // No program runs on getppid: what is left is what the loop group costs every other
+    // syscall, and with a syscall tracepoint attached that is the kernel's slower syscall
+    // path, switched on for every task on the host.
+    ("getppid", "loop", "`getppid` with no probe on it (and no syscall tracepoint)"),
+    ("getppid", "loop --syscall-probes tracepoints", "`getppid` with no probe on it, a syscall tracepoint attached (the slow path)"),
     // The syscalls group probes no syscall: this is what remains of it per call.
     ("getppid", "loop,syscalls", "`getppid` with the syscalls group (sampled, no probe per call)"),
-    ("madvise", "loop,purge", "`madvise(MADV_NORMAL)` on one page (purge tracepoints)"),
+    ("madvise", "loop,purge", "`madvise(MADV_NORMAL)` on one page (uprobe + uretprobe on libc's wrapper, stepped)"),
+    ("madvise", "loop,purge --syscall-probes tracepoints", "the same with the purge tracepoints"),
     ("realloc", "loop,alloc", "libc `realloc` 64 <-> 128 bytes (alloc group: sampled, no probe per call)"),
     ("realloc", "loop,alloc --alloc-calls", "libc `realloc` 64 <-> 128 bytes (--alloc-calls: uprobe + uretprobe)"),
 ];
@@ -102,9 +108,9 @@ fn section(ctx: &Ctx, samples: &Samples, raw: Vec<String>) -> Section {
              K={K} operations. It runs {:.1} s after a 0.2 s warm-up, untraced or under `stalltrace \
              -p PID --probes GROUPS`, alternating which goes first, {} rounds; medians. The first \
              row is per loop iteration (K=0); the others per operation, each including 1/{K} of \
-             an iteration. Δ = traced − untraced: the probe's cost per hit, plus the slower \
-             syscall path every syscall takes while any syscall tracepoint is attached (the \
-             second row measures that alone).",
+             an iteration. Δ = traced − untraced: the probe's cost per hit, plus, where a \
+             syscall tracepoint is attached, the slower syscall path every syscall on the host \
+             takes meanwhile (the fourth row measures that alone).",
             ctx.hotloop_secs, ctx.rounds
         ),
         commands: CASES

@@ -14,9 +14,10 @@ use super::{
     tracers::{self, Variant},
 };
 
-pub const VARIANTS: [Variant; 6] = [
+pub const VARIANTS: [Variant; 7] = [
     Variant::Untraced,
     Variant::Stalltrace("default"),
+    Variant::Stalltrace(tracers::DEFAULT_TRACEPOINTS),
     Variant::Daemon,
     Variant::Stalltrace("all"),
     Variant::Stalltrace(tracers::ALL_ALLOC_CALLS),
@@ -185,7 +186,12 @@ fn section(ctx: &Ctx, ns: &[u64], results: &Results) -> Section {
              and the ratio cell is the median of those over the rounds. The rps cells are \
              medians over the rounds (untraced: over all its runs). The bpftrace variant runs the script below: madvise and epoll_wait \
              durations, the realloc uprobe pair and off-CPU time, like parts of stalltrace's purge, \
-             loop, alloc and sched groups. stalltrace's syscalls group probes no syscall and its \
+             loop, alloc and sched groups. stalltrace's loop, purge and net groups put uprobes on \
+             Redis' own libc wrappers (epoll_wait, madvise, accept4...); the `--syscall-probes \
+             tracepoints` column probes the same syscalls with their syscall tracepoints instead, \
+             as earlier versions did and as bpftrace does, which sends every syscall of every \
+             process (redis-benchmark's included) down the kernel's slow path. \
+             stalltrace's syscalls group probes no syscall and its \
              alloc group no allocator function: both learn from the sampler's stacks of stalled \
              iterations. `--alloc-calls` puts the same realloc uprobe pair as bpftrace's on \
              instead, for exact per-call allocator latency: the column beside bpftrace's shows \

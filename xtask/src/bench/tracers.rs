@@ -18,6 +18,8 @@ const SLOW_STOP: Duration = Duration::from_secs(5);
 
 /// Every group, with the allocator timed per call by uprobes rather than sampled.
 pub const ALL_ALLOC_CALLS: &str = "all --alloc-calls";
+/// The default groups on syscall tracepoints, as before they moved to the libc wrappers.
+pub const DEFAULT_TRACEPOINTS: &str = "default --syscall-probes tracepoints";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
