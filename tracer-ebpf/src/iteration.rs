@@ -27,13 +27,13 @@ use crate::{
 
 #[unsafe(no_mangle)]
 static LAZY_BEGIN: u64 = 0;
+#[unsafe(no_mangle)]
+static EPOLL_SYSCALLS: [u64; 3] = [u64::MAX; 3];
 
 /// CPU time a thread needs after its wait's uprobe to have entered the syscall, returned and
 /// left the wrapper: the trap's return and a dozen instructions take ~1 us on this project's
-/// VMs, and an iteration that begins within this much CPU time of it starts when first seen.
+/// VMs (see `resumed_with`).
 const WRAPPER_CPU_NS: u64 = 20_000;
-#[unsafe(no_mangle)]
-static EPOLL_SYSCALLS: [u64; 3] = [u64::MAX; 3];
 
 /// The thread each CPU last put back on CPU inside its epoll wait, and when. sched_switch
 /// writes this slot instead of looking the thread up, as it holds the runqueue lock (see
@@ -82,10 +82,7 @@ fn wait_entered(before_syscall: bool) -> u32 {
         track_thread(tgid, tid, now, switches);
         return 0;
     };
-    let start = match s.iter_start_ns {
-        0 => begin_ns(s, tid, switches).unwrap_or(0),
-        begun => woke_in_wait_since(begun, tid).unwrap_or(begun),
-    };
+    let start = if s.iter_start_ns != 0 { s.iter_start_ns } else { begin_ns(s, tid, switches).unwrap_or(0) };
     if start != 0 {
         let duration = now.saturating_sub(start);
         if !record_histogram(tid, duration) {
@@ -212,16 +209,6 @@ fn begin_ns(s: &ThreadState, tid: u32, switches: u64) -> Option<u64> {
         return None;
     }
     Some(ns)
-}
-
-/// A uprobe on the wrapper runs a few instructions before the syscall, and a program that
-/// sees the thread in between (a preemption on the way back from the probe's trap) finds no
-/// syscall in its registers and begins an iteration. If the thread then slept in its wait,
-/// sched_switch put it back on CPU inside the wait after that begin: the iteration began
-/// there.
-#[inline(always)]
-fn woke_in_wait_since(begun: u64, tid: u32) -> Option<u64> {
-    RESUMED.get(0).filter(|r| r.tid == tid as u64 && r.ns > begun).map(|r| r.ns)
 }
 
 /// sched_switch puts a loop thread back on CPU: if it is still in its wait, its iteration
