@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::{tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext, tracing::StackIdContext},
 };
-use tracer_common::{hist_slot, purge_kind, stack_kind, tp};
+use tracer_common::{ThreadState, hist_slot, purge_kind, stack_kind, tp};
 
 use crate::{
     stacks,
@@ -17,14 +17,16 @@ use crate::{
 pub fn madvise_enter(ctx: TracePointContext) -> u32 {
     // madvise(addr, len, advice)
     let len = unsafe { ctx.read_at::<u64>(tp::SYS_ENTER_ARG1) }.unwrap_or(0);
-    purge_enter(purge_kind::MADVISE, len)
+    purge_enter(purge_kind::MADVISE, len);
+    0
 }
 
 #[tracepoint]
 pub fn munmap_enter(ctx: TracePointContext) -> u32 {
     // munmap(addr, len)
     let len = unsafe { ctx.read_at::<u64>(tp::SYS_ENTER_ARG1) }.unwrap_or(0);
-    purge_enter(purge_kind::MUNMAP, len)
+    purge_enter(purge_kind::MUNMAP, len);
+    0
 }
 
 #[tracepoint]
@@ -32,7 +34,8 @@ pub fn mremap_enter(ctx: TracePointContext) -> u32 {
     // mremap(old_addr, old_len, new_len, ...): only a shrink releases memory.
     let old_len = unsafe { ctx.read_at::<u64>(tp::SYS_ENTER_ARG1) }.unwrap_or(0);
     let new_len = unsafe { ctx.read_at::<u64>(tp::SYS_ENTER_ARG2) }.unwrap_or(0);
-    purge_enter(purge_kind::MREMAP, old_len.saturating_sub(new_len))
+    purge_enter(purge_kind::MREMAP, old_len.saturating_sub(new_len));
+    0
 }
 
 /// On the target's libc madvise, munmap and mremap; the attach cookie says which
@@ -42,8 +45,7 @@ pub fn purge_call(ctx: ProbeContext) -> u32 {
     let kind = cookie(&ctx);
     let arg = |n| ctx.arg::<u64>(n).unwrap_or(0);
     let len = if kind == purge_kind::MREMAP { arg(1).saturating_sub(arg(2)) } else { arg(1) };
-    purge_enter(kind, len);
-    if let Some(s) = current_thread().filter(|s| s.purge_start_ns != 0) {
+    if let Some(s) = purge_enter(kind, len) {
         stacks::remember_call(s);
     }
     0
@@ -91,11 +93,12 @@ fn purge_done<C: EbpfContext + StackIdContext>(ctx: &C) -> u32 {
     0
 }
 
+/// Starts timing a purge call inside an iteration; the thread's state, if it did.
 #[inline(always)]
-fn purge_enter(kind: u64, len: u64) -> u32 {
-    let Some(s) = current_iteration() else { return 0 };
+fn purge_enter(kind: u64, len: u64) -> Option<&'static mut ThreadState> {
+    let s = current_iteration()?;
     s.purge_len = len;
     s.purge_kind = kind;
     s.purge_start_ns = now();
-    0
+    Some(s)
 }
