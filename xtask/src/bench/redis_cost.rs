@@ -38,6 +38,10 @@ struct Results {
     samples: Samples,
     /// Per traced run, its rps over the mean of the untraced runs just before and just after.
     ratios: Samples,
+    /// Redis' CPU ns per request of every run, by workload.
+    cpu: Samples,
+    /// Per traced run, its Redis CPU per request over its neighbours', as for `ratios`.
+    cpu_ratios: Samples,
     load: LoadFootprint,
     raw: Vec<String>,
     /// Per stalltrace variant, summed over its sessions: stall records, stall records lost,
@@ -57,11 +61,13 @@ pub fn measure(ctx: &Ctx, redis: &Redis, ns: &[u64]) -> Result<(Section, LoadFoo
                 let traced = results.run(ctx, redis, round, v, wi, n)?;
                 let after = results.run(ctx, redis, round, Variant::Untraced, wi, n)?;
                 results.pair(wi, v, &traced, &before, &after);
+                results.pair_cpu(wi, v, &traced, &before, &after);
                 before = after;
             }
         }
     }
     let mut section = section(ctx, ns, &results);
+    section.tables.push(cpu_table(&results));
     section.tables.push(records_table(&results.records));
     Ok((section, results.load))
 }
@@ -85,19 +91,21 @@ impl Results {
     }
 
     /// One redis-benchmark invocation of workload `wi` under `v`, attached just for it.
-    fn run(&mut self, ctx: &Ctx, redis: &Redis, round: usize, v: Variant, wi: usize, n: u64) -> Result<Vec<(String, f64)>> {
+    fn run(&mut self, ctx: &Ctx, redis: &Redis, round: usize, v: Variant, wi: usize, n: u64) -> Result<Run> {
         let w = &WORKLOADS[wi];
         let tracer = v.attach(&ctx.stalltrace, redis.pid())?;
         let what = format!("{} {}", v.label(), w.label());
         let quiet = quiet::run(&ctx.tally, &what, || {
             redis.flush()?;
             let cpu_before = tracer.as_ref().map(|t| procs::cpu_ns(t.pid())).transpose()?;
+            let redis_before = procs::cpu_ns(redis.pid())?;
             let run = redis::run_benchmark(redis.port, w, n)?;
+            let redis_ns = (procs::cpu_ns(redis.pid())? - redis_before) as f64 / run.requests as f64;
             let foot = match (&tracer, cpu_before) {
                 (Some(t), Some(before)) => Some(footprint(t, before, run.wall_secs)?),
                 _ => None,
             };
-            Ok((run, foot))
+            Ok(Measured { run, redis_ns, foot })
         })?;
         if let Some(t) = tracer {
             tracers::stop(t)?;
@@ -108,34 +116,83 @@ impl Results {
         Ok(self.record(round, v, wi, n, quiet))
     }
 
-    fn record(&mut self, round: usize, v: Variant, wi: usize, n: u64, quiet: Quiet<(redis::BenchRun, Option<(f64, u64)>)>) -> Vec<(String, f64)> {
+    fn record(&mut self, round: usize, v: Variant, wi: usize, n: u64, quiet: Quiet<Measured>) -> Run {
         let note = quiet.note();
-        let (run, foot) = quiet.value;
+        let Measured { run, redis_ns, foot } = quiet.value;
         let w = &WORKLOADS[wi];
         let rps = run.rps.iter().map(|(t, r)| format!("{t} {r:.0}")).collect::<Vec<_>>().join(", ");
         let tracer = foot.map_or(String::new(), |(cpu, rss)| format!(" | tracer {cpu:.2}% CPU, {rss} KiB"));
         self.raw.push(format!(
-            "round {} | {:<24} | {:<17} | n={n} | {rps} | {:.2}s{tracer}{note}",
+            "round {} | {:<24} | {:<17} | n={n} | {rps} | {:.2}s | redis {redis_ns:.0} CPU ns/request{tracer}{note}",
             round + 1,
             v.label(),
             w.label(),
             run.wall_secs
         ));
+        self.cpu.entry(cpu_key(wi)).or_default().entry(v.label()).or_default().push(redis_ns);
         if let Some(f) = foot {
             self.load.entry(v.label()).or_default().push(f);
         }
         for (ti, (test, rps)) in run.rps.iter().enumerate() {
             self.samples.entry(row_key(wi, ti, test)).or_default().entry(v.label()).or_default().push(*rps);
         }
-        run.rps
+        Run { rps: run.rps, redis_ns }
     }
 
-    fn pair(&mut self, wi: usize, v: Variant, traced: &[(String, f64)], before: &[(String, f64)], after: &[(String, f64)]) {
-        for (ti, (((test, rps), (_, b)), (_, a))) in traced.iter().zip(before).zip(after).enumerate() {
+    fn pair(&mut self, wi: usize, v: Variant, traced: &Run, before: &Run, after: &Run) {
+        for (ti, (((test, rps), (_, b)), (_, a))) in traced.rps.iter().zip(&before.rps).zip(&after.rps).enumerate() {
             let ratio = rps / ((b + a) / 2.0);
             self.ratios.entry(row_key(wi, ti, test)).or_default().entry(v.label()).or_default().push(ratio);
         }
     }
+
+    fn pair_cpu(&mut self, wi: usize, v: Variant, traced: &Run, before: &Run, after: &Run) {
+        let ratio = traced.redis_ns / ((before.redis_ns + after.redis_ns) / 2.0);
+        self.cpu_ratios.entry(cpu_key(wi)).or_default().entry(v.label()).or_default().push(ratio);
+    }
+}
+
+/// One invocation as the quiet check hands it back: the benchmark's figures, Redis' CPU ns
+/// per request, and the tracer's footprint (CPU %, RSS KiB) if one was attached.
+struct Measured {
+    run: redis::BenchRun,
+    redis_ns: f64,
+    foot: Option<(f64, u64)>,
+}
+
+/// What a run contributes to the pairing: requests/s per test, and Redis' CPU ns per request.
+struct Run {
+    rps: Vec<(String, f64)>,
+    redis_ns: f64,
+}
+
+fn cpu_key(wi: usize) -> (u32, usize, String) {
+    let w = &WORKLOADS[wi];
+    (w.pipeline, wi, w.label())
+}
+
+/// Throughput at -P 1 is the client's: redis-benchmark saturates its CPU while Redis idles a
+/// fifth of the time, so a tracer that costs Redis CPU hardly shows there. Redis' CPU per
+/// request is its cost to the server whatever the bottleneck.
+fn cpu_table(results: &Results) -> Table {
+    let labels: Vec<String> = VARIANTS.iter().map(|v| v.label()).collect();
+    let mut header = vec!["Redis CPU ns per request".to_string(), labels[0].clone()];
+    for l in &labels[1..] {
+        header.push(l.clone());
+        header.push("ratio".into());
+    }
+    let mut table = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
+    for (key, by_variant) in &results.cpu {
+        let med = |l: &String| report::median(by_variant.get(l).map_or(&[][..], Vec::as_slice));
+        let ratio = |l: &String| report::median(results.cpu_ratios[key].get(l).map_or(&[][..], Vec::as_slice));
+        let mut row = vec![key.2.clone(), report::int(med(&labels[0]))];
+        for l in &labels[1..] {
+            row.push(report::int(med(l)));
+            row.push(report::ratio(ratio(l), 1.0));
+        }
+        table.row(row);
+    }
+    table
 }
 
 fn row_key(wi: usize, ti: usize, test: &str) -> (u32, usize, String) {
@@ -196,7 +253,12 @@ fn section(ctx: &Ctx, ns: &[u64], results: &Results) -> Section {
              iterations. `--alloc-calls` puts the same realloc uprobe pair as bpftrace's on \
              instead, for exact per-call allocator latency: the column beside bpftrace's shows \
              what that costs. \
-             The second table sums the stalltrace variants' summaries over their sessions: stall \
+             The second table is Redis' own CPU time per request (its threads' schedstat over \
+             the invocation, over its requests), paired with the neighbours the same way (ratio \
+             above 1: the server pays more): at -P 1 redis-benchmark saturates its CPU while Redis \
+             idles a fifth of the time, so throughput there shows little of what a tracer costs \
+             the server, and this table shows it. The third table sums the stalltrace variants' \
+             summaries over their sessions: stall \
              and stack records sent, and lost for want of ring-buffer space. That the default \
              groups still name an allocator purge `allocator_purge` on this redis-server is the \
              integration test `idle_query_buffers_shrunk_by_clients_cron_are_an_allocator_purge` \
