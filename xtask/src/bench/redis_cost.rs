@@ -175,20 +175,25 @@ fn cpu_key(wi: usize) -> (u32, usize, String) {
 /// fifth of the time, so a tracer that costs Redis CPU hardly shows there. Redis' CPU per
 /// request is its cost to the server whatever the bottleneck.
 fn cpu_table(results: &Results) -> Table {
+    paired_table("Redis CPU ns per request", "", &results.cpu, &results.cpu_ratios)
+}
+
+/// One row per key: the untraced median, then each traced variant's median and its median
+/// ratio to its neighbours. `unit` follows each variant's name in the header.
+fn paired_table(first: &str, unit: &str, samples: &Samples, ratios: &Samples) -> Table {
     let labels: Vec<String> = VARIANTS.iter().map(|v| v.label()).collect();
-    let mut header = vec!["Redis CPU ns per request".to_string(), labels[0].clone()];
+    let mut header = vec![first.to_string(), format!("{}{unit}", labels[0])];
     for l in &labels[1..] {
-        header.push(l.clone());
+        header.push(format!("{l}{unit}"));
         header.push("ratio".into());
     }
     let mut table = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
-    for (key, by_variant) in &results.cpu {
-        let med = |l: &String| report::median(by_variant.get(l).map_or(&[][..], Vec::as_slice));
-        let ratio = |l: &String| report::median(results.cpu_ratios[key].get(l).map_or(&[][..], Vec::as_slice));
-        let mut row = vec![key.2.clone(), report::int(med(&labels[0]))];
+    let med = |by: &BTreeMap<String, Vec<f64>>, l: &String| report::median(by.get(l).map_or(&[][..], Vec::as_slice));
+    for (key, by_variant) in samples {
+        let mut row = vec![key.2.clone(), report::int(med(by_variant, &labels[0]))];
         for l in &labels[1..] {
-            row.push(report::int(med(l)));
-            row.push(report::ratio(ratio(l), 1.0));
+            row.push(report::int(med(by_variant, l)));
+            row.push(report::ratio(med(&ratios[key], l), 1.0));
         }
         table.row(row);
     }
@@ -207,23 +212,7 @@ fn footprint(tracer: &Proc, cpu_before: u64, wall_secs: f64) -> Result<(f64, u64
 }
 
 fn section(ctx: &Ctx, ns: &[u64], results: &Results) -> Section {
-    let labels: Vec<String> = VARIANTS.iter().map(|v| v.label()).collect();
-    let mut header = vec!["test".to_string(), format!("{} rps", labels[0])];
-    for l in &labels[1..] {
-        header.push(format!("{l} rps"));
-        header.push("ratio".into());
-    }
-    let mut table = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
-    for (key, by_variant) in &results.samples {
-        let med = |by: &BTreeMap<String, Vec<f64>>, l: &String| report::median(by.get(l).map_or(&[][..], Vec::as_slice));
-        let ratios = &results.ratios[key];
-        let mut row = vec![key.2.clone(), report::int(med(by_variant, &labels[0]))];
-        for l in &labels[1..] {
-            row.push(report::int(med(by_variant, l)));
-            row.push(report::ratio(med(ratios, l), 1.0));
-        }
-        table.row(row);
-    }
+    let table = paired_table("test", " rps", &results.samples, &results.ratios);
     let mut commands = vec![redis::Redis::command_line()];
     commands.extend(WORKLOADS.iter().zip(ns).map(|(w, &n)| w.command_line(n)));
     commands.push("stalltrace -p PID --json > out.jsonl   # and with --probes all, and --probes all --alloc-calls".into());
