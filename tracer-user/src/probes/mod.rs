@@ -51,7 +51,8 @@ enum Stepped {
 /// How the loop, purge and net groups see the syscalls they time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum SyscallProbes {
-    /// Uprobes on the target's libc wrappers where it has them, syscall tracepoints elsewhere.
+    /// fentry on the kernel's epoll wait where the kernel allows it; uprobes on the target's
+    /// libc wrappers where it has them; syscall tracepoints elsewhere.
     #[default]
     Auto,
     /// Uprobes on the target's libc wrappers only; an error where it has none.
@@ -349,7 +350,8 @@ impl Probes {
         }
         if let Err(e) = self.attach_fentry("syn_request", "tcp_conn_request") {
             self.notes.push(format!(
-                "fentry on tcp_conn_request unavailable ({e:#}): SYN overflows come from the listener's drop counter (sock_diag), sampled every 10ms"
+                "fentry on tcp_conn_request unavailable ({}): SYN overflows come from the listener's drop counter (sock_diag), sampled every 10ms",
+                refusal(&e)
             ));
         }
         Ok(())
@@ -391,6 +393,15 @@ impl Probes {
     fn attach_loop(&mut self, target: &Target, mode: SyscallProbes) -> Result<()> {
         // Without lazy iteration starts the exits need tracepoints anyway.
         let mode = if self.lazy_begin { mode } else { SyscallProbes::Tracepoints };
+        if mode == SyscallProbes::Auto {
+            match self.attach_fentry("epoll_fentry", "do_epoll_wait") {
+                Ok(()) => return self.tracepoint("thread_exit", "sched", &["sched_process_exit"]),
+                Err(e) => self.notes.push(format!(
+                    "loop group: fentry on do_epoll_wait unavailable ({}): uprobes on the target's epoll wrappers instead, a trap per loop iteration",
+                    refusal(&e)
+                )),
+            }
+        }
         if let Some(sites) = self.wrapper_sites(target, mode, "loop", &EPOLL_WRAPPERS, Stepped::Fallback)? {
             self.attach_sites(&["epoll_call"], target, &sites)?;
             return self.tracepoint("thread_exit", "sched", &["sched_process_exit"]);
@@ -666,6 +677,17 @@ fn syscall_set<const N: usize>(nrs: &[i64]) -> [u64; N] {
         *slot = *nr as u64;
     }
     set
+}
+
+/// Why the kernel would not take a program, in a few words: the loader's own message repeats
+/// the errno and appends an empty verifier log when the refusal is a policy (EPERM: a kernel
+/// that forbids fentry) rather than the program.
+fn refusal(e: &anyhow::Error) -> String {
+    let os = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error));
+    match os {
+        Some(libc::EPERM) => "the kernel refuses it: EPERM".into(),
+        _ => format!("{e:#}"),
+    }
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
