@@ -162,9 +162,15 @@ fn file_offset(place: &Place) -> u64 {
     }
 }
 
+/// The page the kernel maps for uprobes: return trampolines and out-of-line copies of probed
+/// instructions. Time a sampler finds there is a probe's own overhead (stalltrace's or another
+/// tracer's), not the target's code, and the reader should be told so.
+const UPROBES_MAPPING: &str = "[uprobes]";
+
 fn fallback_name(place: &Place, addr: u64) -> String {
     match place {
         Place::File { basename, offset, .. } => format!("{basename}+{offset:#x}"),
+        Place::Other { name, offset } if name == UPROBES_MAPPING => format!("uprobe overhead ({name}+{offset:#x})"),
         Place::Other { name, offset } if !name.is_empty() => format!("{name}+{offset:#x}"),
         Place::Other { .. } | Place::Unknown => format!("{addr:#x}"),
     }
@@ -200,6 +206,8 @@ mod tests {
         let vdso = Place::Other { name: "[vdso]".into(), offset: 0x9b0 };
         assert_eq!(fallback_name(&vdso, 0x7ffd_0000_09b0), "[vdso]+0x9b0");
         assert_eq!(fallback_name(&Place::Other { name: String::new(), offset: 8 }, 0x1008), "0x1008");
+        let trampoline = Place::Other { name: "[uprobes]".into(), offset: 0x85 };
+        assert_eq!(fallback_name(&trampoline, 0x7fff_f000_0085), "uprobe overhead ([uprobes]+0x85)");
     }
 
     #[test]
