@@ -97,6 +97,9 @@ pub struct Probes {
     pub alloc_symbols: Vec<alloc::AllocSymbol>,
     /// Every link, taken from its program so that `drop` can detach them all at once.
     links: Vec<Box<dyn Send>>,
+    /// vmlinux BTF for the tp_btf and fentry programs, parsed once: tens of MB, read by up
+    /// to four attaches.
+    btf: Option<aya::Btf>,
 }
 
 impl Drop for Probes {
@@ -278,6 +281,7 @@ impl Probes {
             lazy_begin: lazy != 0,
             alloc_symbols: Vec::new(),
             links: Vec::new(),
+            btf: None,
         })
     }
 
@@ -376,9 +380,9 @@ impl Probes {
     }
 
     fn attach_fentry(&mut self, prog: &str, func: &str) -> Result<()> {
-        let btf = aya::Btf::from_sys_fs()?;
+        let btf = kernel_btf(&mut self.btf)?;
         let p: &mut aya::programs::FEntry = program(&mut self.ebpf, prog)?.try_into()?;
-        p.load(func, &btf)?;
+        p.load(func, btf)?;
         let id = p.attach()?;
         self.links.push(Box::new(p.take_link(id)?));
         self.attached.push(format!("fentry:{func}"));
@@ -393,9 +397,15 @@ impl Probes {
     fn attach_loop(&mut self, target: &Target, mode: SyscallProbes) -> Result<()> {
         // Without lazy iteration starts the exits need tracepoints anyway.
         let mode = if self.lazy_begin { mode } else { SyscallProbes::Tracepoints };
+        self.attach_wait_entry(target, mode)?;
+        self.tracepoint("thread_exit", "sched", &["sched_process_exit"])
+    }
+
+    /// The loop group's one per-iteration hook, the cheapest this kernel and target allow.
+    fn attach_wait_entry(&mut self, target: &Target, mode: SyscallProbes) -> Result<()> {
         if mode == SyscallProbes::Auto {
             match self.attach_fentry("epoll_fentry", "do_epoll_wait") {
-                Ok(()) => return self.tracepoint("thread_exit", "sched", &["sched_process_exit"]),
+                Ok(()) => return Ok(()),
                 Err(e) => self.notes.push(format!(
                     "loop group: fentry on do_epoll_wait unavailable ({}): uprobes on the target's epoll wrappers instead, a trap per loop iteration",
                     refusal(&e)
@@ -403,8 +413,7 @@ impl Probes {
             }
         }
         if let Some(sites) = self.wrapper_sites(target, mode, "loop", &EPOLL_WRAPPERS, Stepped::Fallback)? {
-            self.attach_sites(&["epoll_call"], target, &sites)?;
-            return self.tracepoint("thread_exit", "sched", &["sched_process_exit"]);
+            return self.attach_sites(&["epoll_call"], target, &sites);
         }
         // epoll_pwait2 arrived in 5.11 and epoll_wait is absent on arm64: take what exists.
         let waits: Vec<&str> = ["epoll_wait", "epoll_pwait", "epoll_pwait2"]
@@ -421,7 +430,7 @@ impl Probes {
             let exits: Vec<String> = waits.iter().map(|w| format!("sys_exit_{w}")).collect();
             self.tracepoint("epoll_exit", "syscalls", &exits.iter().map(String::as_str).collect::<Vec<_>>())?;
         }
-        self.tracepoint("thread_exit", "sched", &["sched_process_exit"])
+        Ok(())
     }
 
     fn attach_purge(&mut self, target: &Target, mode: SyscallProbes) -> Result<()> {
@@ -595,9 +604,9 @@ impl Probes {
     /// that fire for every task on the host, and the task pointers it hands over are typed,
     /// so the program reads their fields with plain loads.
     fn btf_tracepoint(&mut self, prog: &str, name: &str) -> Result<()> {
-        let btf = aya::Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
+        let btf = kernel_btf(&mut self.btf)?;
         let p: &mut aya::programs::BtfTracePoint = program(&mut self.ebpf, prog)?.try_into()?;
-        p.load(name, &btf).with_context(|| format!("loading {prog} as tp_btf/{name} (needs Linux 5.5)"))?;
+        p.load(name, btf).with_context(|| format!("loading {prog} as tp_btf/{name} (needs Linux 5.5)"))?;
         let id = p.attach().with_context(|| format!("attaching {prog} to tp_btf/{name}"))?;
         self.links.push(Box::new(p.take_link(id)?));
         self.attached.push(format!("tp_btf:{name}"));
@@ -688,6 +697,15 @@ fn refusal(e: &anyhow::Error) -> String {
         Some(libc::EPERM) => "the kernel refuses it: EPERM".into(),
         _ => format!("{e:#}"),
     }
+}
+
+/// The parsed vmlinux BTF in `slot`, parsing it on first use. A free function over the one
+/// field, so that callers can borrow the programs alongside it.
+fn kernel_btf(slot: &mut Option<aya::Btf>) -> Result<&aya::Btf> {
+    if slot.is_none() {
+        *slot = Some(aya::Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?);
+    }
+    Ok(slot.as_ref().expect("just filled"))
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
