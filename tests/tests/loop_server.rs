@@ -1,9 +1,14 @@
 //! The demo's epoll server as a workload with known ground truth: each command says how long
 //! it took, and the stall record must agree.
-use std::{thread, time::Duration};
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
 
 use serde_json::Value;
-use tests::{LoopServer, Tracer, stalls, summary};
+use tests::{LoopServer, Proc, Tracer, stalls, summary};
 
 fn only_stall<'a>(records: &'a [Value], verdict: &str) -> &'a Value {
     let found: Vec<_> = stalls(records).into_iter().filter(|s| s["verdict"] == verdict).collect();
@@ -98,6 +103,51 @@ fn jemalloc_churn_is_sampled_into_the_allocator() {
 #[test]
 fn glibc_churn_is_sampled_into_the_allocator() {
     churn_is_sampled_into_the_allocator(false);
+}
+
+/// jemalloc reaches libc's madvise through its PLT, a `call` x86's uprobes emulate: once that
+/// site is learned and probed, the stepped probe on madvise's entry (two traps a call) is
+/// detached, and the calls are still timed.
+#[test]
+fn purge_call_sites_are_learned_and_the_stepped_probe_retired() {
+    let server = LoopServer::start(true).unwrap();
+    let mut client = server.client().unwrap();
+    let tracer = Tracer::start(server.proc.pid(), &[]).unwrap();
+    client.call("CHURN 200").unwrap();
+    // Retired after a second in which no call needed it.
+    thread::sleep(Duration::from_millis(2000));
+    client.call("CHURN 200").unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let records = tracer.stop().unwrap();
+    let sites = &summary(&records)["purge_sites"];
+    assert!(sites["probed"].as_u64().unwrap() >= 1, "{sites}");
+    assert!(!sites["stepped"].as_array().unwrap().iter().any(|w| w == "madvise"), "{sites}");
+    let last = *stalls(&records).last().expect("the churns stall");
+    let madvise = &last["madvise"];
+    assert!(madvise["calls"].as_u64().unwrap() >= 100 && madvise["ns"].as_u64().unwrap() > 0, "{last}");
+}
+
+/// rustc calls libc through the GOT (`call *madvise@GOTPCREL(%rip)`), which x86's uprobes
+/// step out of line wherever it is probed: such a site is refused, and the stepped probe on
+/// madvise stays to time its calls.
+#[test]
+fn a_call_through_the_got_keeps_the_stepped_probe() {
+    let child = Command::new(env!("CARGO_BIN_EXE_hotloop"))
+        .args(["madvise", "4", "1.5"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut hot = Proc { child };
+    let tracer = Tracer::start(hot.pid(), &[]).unwrap();
+    writeln!(hot.child.stdin.as_mut().unwrap(), "go").unwrap();
+    // Its loop runs 1.7 s, then it exits, which ends the session.
+    thread::sleep(Duration::from_millis(2500));
+    let records = tracer.stop().unwrap();
+    let sites = &summary(&records)["purge_sites"];
+    assert!(sites["refused"].as_u64().unwrap() >= 1, "{sites}");
+    assert_eq!(sites["probed"], 0, "{sites}");
+    assert!(sites["stepped"].as_array().unwrap().iter().any(|w| w == "madvise"), "{sites}");
 }
 
 #[test]

@@ -154,6 +154,7 @@ pub mod maps {
     pub const PARK_WATCHED: &str = "PARK_WATCHED";
     pub const KSTACKS: &str = "KSTACKS";
     pub const TARGET_STATS: &str = "TARGET_STATS";
+    pub const PURGE_CALLERS: &str = "PURGE_CALLERS";
 }
 
 /// Number of syscall numbers in `SKIP_SYSCALLS`.
@@ -176,7 +177,12 @@ pub mod counter {
     /// Linux 6.18). Such an iteration is timed from the first program that sees the thread
     /// running, or, if none did, not timed at all.
     pub const LATE_BEGIN: u32 = 4;
-    pub const LEN: u32 = 5;
+    /// Purge calls inside an iteration that no probe timed: made from a call site not yet
+    /// probed, after the wrapper's stepped entry probe was retired (`purge_site`).
+    pub const UNTIMED_PURGES: u32 = 5;
+    /// Purge calls only the wrapper's stepped entry probe timed: while any are made, it stays.
+    pub const STEPPED_PURGES: u32 = 6;
+    pub const LEN: u32 = 7;
 }
 
 /// Fixed offsets of syscall tracepoint records (`syscalls:sys_{enter,exit}_*` and
@@ -205,6 +211,37 @@ pub mod purge_kind {
     pub const MADVISE: u64 = 0;
     pub const MUNMAP: u64 = 1;
     pub const MREMAP: u64 = 2;
+}
+
+/// Purge wrappers with no instruction x86 emulates before their syscall (glibc's madvise,
+/// munmap and mremap: `mov $nr,%eax; syscall`) are probed after it instead, on the error
+/// check's jump, and their calls are timed from probes on the `call` instructions that reach
+/// them (emulated too), which userspace learns at run time from `PURGE_CALLERS`: two ~1 us
+/// probes instead of a stepped entry probe's ~13 us.
+pub mod purge_site {
+    /// The return probe's attach cookie: the call's `purge_kind` and the probe's offset in
+    /// the wrapper, from which the program finds the wrapper's address.
+    pub const fn cookie(kind: u64, offset: u64) -> u64 {
+        kind | offset << 8
+    }
+
+    pub const fn kind(cookie: u64) -> u64 {
+        cookie & 0xff
+    }
+
+    pub const fn offset(cookie: u64) -> u64 {
+        cookie >> 8
+    }
+}
+
+/// A value of `PURGE_CALLERS`, keyed by the return address of a purge call no call-site
+/// probe timed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PurgeCaller {
+    /// The wrapper's address in the target.
+    pub wrapper: u64,
+    pub kind: u64,
 }
 
 /// Where one iteration's time went. Components are disjoint, so their sum never exceeds the
@@ -353,6 +390,8 @@ pub mod thread_flag {
     pub const IN_EPOLL: u32 = 1 << 0;
     /// The thread was switched out while runnable (preempted or yielded).
     pub const OFF_RUNNABLE: u32 = 1 << 1;
+    /// The purge call in flight was started by a probe on its call site.
+    pub const PURGE_AT_SITE: u32 = 1 << 2;
 }
 
 /// `ThreadState::switches` of an entry userspace made: its first wait is trusted as before.
@@ -435,6 +474,7 @@ mod pod {
     unsafe impl aya::Pod for super::TargetStats {}
     unsafe impl aya::Pod for super::StackEvent {}
     unsafe impl aya::Pod for super::ParkState {}
+    unsafe impl aya::Pod for super::PurgeCaller {}
 }
 
 #[cfg(test)]

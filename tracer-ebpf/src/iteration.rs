@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     Components, SWITCHES_UNKNOWN, StallEvent, TASK_COMM_LEN, ThreadState, counter, hist_slot,
-    thread_flag::IN_EPOLL,
+    thread_flag::{IN_EPOLL, PURGE_AT_SITE},
 };
 
 use crate::{
@@ -125,7 +125,7 @@ pub fn epoll_exit(_ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn wait(s: &mut ThreadState, now: u64, switches: u64) {
     let begun = s.iter_start_ns != 0;
-    s.flags |= IN_EPOLL;
+    s.flags = (s.flags | IN_EPOLL) & !PURGE_AT_SITE;
     s.iter_start_ns = 0;
     s.resume_ns = now;
     s.switches = switches;

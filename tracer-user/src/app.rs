@@ -65,6 +65,11 @@ pub struct App {
     /// Iterations whose start the kernel did not show (a switch back into the epoll wait that
     /// sched_switch never reported): timed from later than they began, or not at all.
     pub late_begins: u64,
+    /// Purge calls inside iterations made from a call site not probed yet, after the stepped
+    /// probe on their wrapper was retired: counted, not timed.
+    pub untimed_purges: u64,
+    /// How far the purge wrappers' call sites are learned, where they are.
+    pub purge_sites: Option<crate::probes::callsites::SiteCounts>,
     pub storms: Vec<Storm>,
     pub listeners: Vec<ListenerView>,
     /// The starvation going on now, if any, and how many have been seen.
@@ -88,6 +93,8 @@ impl App {
             stacks_received: 0,
             untracked_threads: 0,
             late_begins: 0,
+            untimed_purges: 0,
+            purge_sites: None,
             storms: Vec::new(),
             listeners: Vec::new(),
             starving: None,

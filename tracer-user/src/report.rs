@@ -48,6 +48,11 @@ struct Summary<'a> {
     lost_stacks: u64,
     untracked_threads: u64,
     late_begins: u64,
+    untimed_purges: u64,
+    /// Where purge wrappers are probed at their return: their call sites probed, refused,
+    /// and the wrappers whose stepped entry probe is still on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    purge_sites: Option<crate::probes::callsites::SiteCounts>,
     threads: Vec<ThreadSummary<'a>>,
     listeners: Vec<ListenerSummary>,
     /// TcpExtListenOverflows of the target's namespace over the session: the cross-check for
@@ -310,6 +315,8 @@ impl Reporter {
                     lost_stacks: app.lost_stacks,
                     untracked_threads: app.untracked_threads,
                     late_begins: app.late_begins,
+                    untimed_purges: app.untimed_purges,
+                    purge_sites: app.purge_sites.clone(),
                     threads,
                     listeners,
                     netns_listen_overflows: net.as_ref().map(|(_, n)| *n),
@@ -343,6 +350,19 @@ fn summary_text(app: &App, traced_ns: u64) -> String {
         out += &format!(
             "   {} iterations timed from later than they began, or not timed: the kernel showed the thread leaving its epoll wait but not coming back\n",
             app.late_begins
+        );
+    }
+    if app.untimed_purges > 0 {
+        out += &format!(
+            "   {} purge calls counted but not timed: made from a call site not yet probed\n",
+            app.untimed_purges
+        );
+    }
+    if let Some(c) = app.purge_sites.as_ref().filter(|c| c.probed + c.refused > 0) {
+        let stepped = if c.stepped.is_empty() { "none".to_string() } else { c.stepped.join(", ") };
+        out += &format!(
+            "   purge call sites: {} probed, {} refused (not a direct call); wrappers still probed stepped: {stepped}\n",
+            c.probed, c.refused
         );
     }
     if app.threads.is_empty() {

@@ -167,6 +167,7 @@ impl Session {
     /// Everything ready to report: stalls (with their net window once it is sampled) and
     /// storms that ended. `flush` releases what would otherwise still wait.
     pub fn drain(&mut self, flush: bool) -> Vec<Event> {
+        self.probes.learn_purge_sites(self.target.pid);
         let mut events = Vec::new();
         while let Some(item) = self.ring.next() {
             if item.len() < size_of::<StallEvent>() {
@@ -253,6 +254,8 @@ impl Session {
         self.app.lost_stacks = self.probes.lost_stacks();
         self.app.untracked_threads = self.probes.untracked_threads();
         self.app.late_begins = self.probes.late_begins();
+        self.app.untimed_purges = self.probes.untimed_purges();
+        self.app.purge_sites = self.probes.purge_site_counts();
         self.app.stacks_received = self.stacks.as_ref().map_or(0, |c| c.received);
         self.refresh_listeners();
         Ok(())

@@ -1,6 +1,7 @@
 //! Loading the kernel programs and attaching them, one probe group at a time.
 pub mod alloc;
 pub mod btf;
+pub mod callsites;
 pub mod sparse;
 pub mod symbols;
 pub mod tracefs;
@@ -100,6 +101,8 @@ pub struct Probes {
     /// vmlinux BTF for the tp_btf and fentry programs, parsed once: tens of MB, read by up
     /// to four attaches.
     btf: Option<aya::Btf>,
+    /// Where purge wrappers are probed at their return, the learning of their call sites.
+    purge_sites: Option<callsites::Learner>,
 }
 
 impl Drop for Probes {
@@ -282,6 +285,7 @@ impl Probes {
             alloc_symbols: Vec::new(),
             links: Vec::new(),
             btf: None,
+            purge_sites: None,
         })
     }
 
@@ -440,7 +444,7 @@ impl Probes {
             ("mremap", purge_kind::MREMAP as i64),
         ];
         if let Some(sites) = self.wrapper_sites(target, mode, "purge", &wrappers, Stepped::Probe)? {
-            return self.attach_sites(&["purge_call", "purge_return"], target, &sites);
+            return self.attach_purge_wrappers(target.pid, &sites);
         }
         self.tracepoint("madvise_enter", "syscalls", &["sys_enter_madvise"])?;
         self.tracepoint("munmap_enter", "syscalls", &["sys_enter_munmap"])?;
@@ -639,6 +643,10 @@ impl Probes {
 
     pub fn late_begins(&self) -> u64 {
         self.counter(counter::LATE_BEGIN).unwrap_or(0)
+    }
+
+    pub fn untimed_purges(&self) -> u64 {
+        self.counter(counter::UNTIMED_PURGES).unwrap_or(0)
     }
 
     pub fn untracked_threads(&self) -> u64 {

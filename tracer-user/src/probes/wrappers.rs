@@ -24,17 +24,23 @@ pub struct Site {
     pub offset: u64,
     /// Whether the kernel emulates the probed instruction (false: 0, stepped out of line).
     pub emulated: bool,
+    /// Bytes past the symbol of the first emulated instruction after the syscall, where a
+    /// wrapper that has none before it can be probed at its return instead (`purge_site`
+    /// in tracer-common); None where the stack pointer moves before it.
+    pub returned: Option<u64>,
 }
 
 impl Site {
-    /// For the startup banner: `libc.so.6:epoll_wait+0xa`, or `libc.so.6:madvise (stepped)`
-    /// where no instruction before the syscall is emulated (fine for calls made rarely).
+    /// For the startup banner: `libc.so.6:epoll_wait+0xa`, `libc.so.6:madvise` where the
+    /// site is after the syscall, or `libc.so.6:mremap (stepped)` where x86 emulates no
+    /// instruction on the way to the syscall or after it (fine for calls made rarely).
     pub fn describe(&self) -> String {
         let object = &self.binding.object;
         let file = object.file_name().map_or_else(|| object.display().to_string(), |f| f.to_string_lossy().into_owned());
-        match self.emulated {
-            true => format!("{file}:{}+{:#x}", self.binding.symbol, self.offset),
-            false => format!("{file}:{} (stepped)", self.binding.symbol),
+        match (self.emulated, self.returned) {
+            (true, _) => format!("{file}:{}+{:#x}", self.binding.symbol, self.offset),
+            (false, Some(_)) => format!("{file}:{}", self.binding.symbol),
+            (false, None) => format!("{file}:{} (stepped)", self.binding.symbol),
         }
     }
 }
@@ -45,8 +51,10 @@ pub fn sites(target: &Target, funcs: &[&str]) -> Result<Vec<Site>> {
     Ok(symbols::resolve(target, &names, &[])?
         .into_iter()
         .map(|binding| {
-            let offset = emulated_offset_in(&binding.open_path, binding.address).unwrap_or(None);
-            Site { binding, offset: offset.unwrap_or(0), emulated: offset.is_some() }
+            let code = prologue(&binding.open_path, binding.address).unwrap_or_default();
+            let offset = emulated_offset(&code, binding.address);
+            let returned = returned_offset(&code, binding.address);
+            Site { binding, offset: offset.unwrap_or(0), emulated: offset.is_some(), returned }
         })
         .collect())
 }
@@ -54,19 +62,20 @@ pub fn sites(target: &Target, funcs: &[&str]) -> Result<Vec<Site>> {
 /// How many of a function's first bytes are looked at: its straight-line prologue.
 const PROLOGUE_BYTES: usize = 64;
 
-fn emulated_offset_in(path: &Path, address: u64) -> Result<Option<u64>> {
+/// A function's first `PROLOGUE_BYTES`; empty off x86-64, where nothing here applies.
+fn prologue(path: &Path, address: u64) -> Result<Vec<u8>> {
     if !cfg!(target_arch = "x86_64") {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let file = object::File::parse(&*data)?;
     let Some(section) = file.sections().find(|s| s.address() <= address && address < s.address() + s.size()) else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
     let bytes = section.data()?;
     let start = (address - section.address()) as usize;
     let end = bytes.len().min(start + PROLOGUE_BYTES);
-    Ok(emulated_offset(&bytes[start..end], address))
+    Ok(bytes.get(start..end).unwrap_or_default().to_vec())
 }
 
 /// The offset of the first instruction in `code` (a function's first bytes, at `ip`) that
@@ -88,6 +97,35 @@ pub fn emulated_offset(code: &[u8], ip: u64) -> Option<u64> {
         }
         // Past a branch not every call runs the next instruction.
         if insn.flow_control() != FlowControl::Next || clobbers_probe_state(info.info(&insn)) {
+            return None;
+        }
+    }
+    None
+}
+
+/// The offset of the first emulated instruction after the syscall in `code` (a wrapper's
+/// first bytes, at `ip`), if every call runs straight to it and nothing before it moves the
+/// stack pointer: there the call is over and its return address is at the stack pointer.
+pub fn returned_offset(code: &[u8], ip: u64) -> Option<u64> {
+    use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, OpAccess, Register};
+    let mut decoder = Decoder::with_ip(64, code, ip, DecoderOptions::NONE);
+    let mut info = InstructionInfoFactory::new();
+    let mut after_syscall = false;
+    while decoder.can_decode() {
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            return None;
+        }
+        let at = (insn.ip() - ip) as usize;
+        if after_syscall && emulated(&code[at..at + insn.len()]) {
+            return Some(at as u64);
+        }
+        let moves_sp = info.info(&insn).used_registers().iter().any(|r| {
+            r.register().full_register() == Register::RSP && !matches!(r.access(), OpAccess::Read | OpAccess::None)
+        });
+        if insn.code() == Code::Syscall {
+            after_syscall = true;
+        } else if insn.flow_control() != FlowControl::Next || moves_sp {
             return None;
         }
     }
@@ -137,6 +175,25 @@ mod tests {
         // shutdown: mov $0x30,%eax; syscall; cmp; jae
         let code = [0xb8, 0x30, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, 0x73, 0x01];
         assert_eq!(emulated_offset(&code, IP), None);
+    }
+
+    #[test]
+    fn plain_wrapper_is_probed_on_the_jump_after_its_syscall() {
+        // madvise: mov $0x1c,%eax; syscall; cmp $-4095,%rax; jae; ret
+        let code = [0xb8, 0x1c, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, 0x73, 0x01, 0xc3];
+        assert_eq!(returned_offset(&code, IP), Some(13));
+    }
+
+    #[test]
+    fn a_wrapper_with_a_frame_has_no_return_site() {
+        // mremap: sub $0x58,%rsp; ...; mov $0x19,%eax; syscall; cmp; ja
+        let code = [
+            0x48, 0x83, 0xec, 0x58, 0xb8, 0x19, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x3d, 0x00, 0xf0, 0xff, 0xff, 0x77,
+            0x58,
+        ];
+        assert_eq!(returned_offset(&code, IP), None);
+        // a branch before the syscall: not every call reaches it
+        assert_eq!(returned_offset(&[0x74, 0x14, 0x0f, 0x05, 0x73, 0x01], IP), None);
     }
 
     #[test]

@@ -128,7 +128,7 @@ fn read_stack(stack: &[u8], sp: u64, addr: u64) -> Result<u64, ()> {
 
 /// One line of /proc/PID/maps.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) struct Mapping {
+pub(crate) struct Mapping {
     pub start: u64,
     pub end: u64,
     pub exec: bool,
@@ -169,7 +169,7 @@ impl Mapping {
 }
 
 /// The target's memory map, sorted by address.
-pub(super) fn read_maps(pid: u32) -> io::Result<Vec<Mapping>> {
+pub(crate) fn read_maps(pid: u32) -> io::Result<Vec<Mapping>> {
     Ok(parse_maps(&fs::read_to_string(format!("/proc/{pid}/maps"))?))
 }
 
@@ -205,7 +205,7 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
 }
 
 /// The mapping that holds `addr`, in maps sorted by address.
-pub(super) fn mapping_at(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
+pub(crate) fn mapping_at(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
     let i = maps.partition_point(|m| m.start <= addr).checked_sub(1)?;
     let m = &maps[i];
     (addr < m.end).then_some(m)
