@@ -30,7 +30,7 @@ const CASES: [(&str, &str, &str); 9] = [
     ("getppid", "loop --syscall-probes tracepoints", "`getppid` with no probe on it, a syscall tracepoint attached (the slow path)"),
     // The syscalls group probes no syscall: this is what remains of it per call.
     ("getppid", "loop,syscalls", "`getppid` with the syscalls group (sampled, no probe per call)"),
-    ("madvise", "loop,purge", "`madvise(MADV_NORMAL)` on one page (uprobe + uretprobe on libc's wrapper, stepped)"),
+    ("madvise", "loop,purge", "`madvise(MADV_NORMAL)` on one page, called through the GOT (rustc), so libc's wrapper keeps its stepped entry probe; probed again after its syscall"),
     ("madvise", "loop,purge --syscall-probes tracepoints", "the same with the purge tracepoints"),
     ("realloc", "loop,alloc", "libc `realloc` 64 <-> 128 bytes (alloc group: sampled, no probe per call)"),
     ("realloc", "loop,alloc --alloc-calls", "libc `realloc` 64 <-> 128 bytes (--alloc-calls: uprobe + uretprobe)"),
