@@ -88,17 +88,15 @@ pub fn purge_return(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn purge_returned(ctx: ProbeContext) -> u32 {
     let Some(s) = current_thread() else { return 0 };
-    let at_site = s.flags & PURGE_AT_SITE != 0;
+    if s.flags & PURGE_AT_SITE == 0 {
+        learn_caller(&ctx);
+        if s.purge_start_ns != 0 {
+            count(counter::STEPPED_PURGES);
+        } else if s.iter_start_ns != 0 {
+            count(counter::UNTIMED_PURGES);
+        }
+    }
     s.flags &= !PURGE_AT_SITE;
-    if at_site {
-        return purge_done(&ctx, s, false);
-    }
-    learn_caller(&ctx);
-    if s.purge_start_ns != 0 {
-        count(counter::STEPPED_PURGES);
-    } else if s.iter_start_ns != 0 {
-        count(counter::UNTIMED_PURGES);
-    }
     purge_done(&ctx, s, false)
 }
 

@@ -16,14 +16,11 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, ensure};
 use aya::{
     maps::HashMap,
-    programs::{
-        UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
-    },
+    programs::uprobe::{UProbeAttachLocation, UProbeLink},
 };
 use tracer_common::{PurgeCaller, counter, maps, purge_site};
 
-use super::{Probes, program, wrappers::Site};
+use super::{Probes, wrappers::Site};
 use crate::stacks::unwind::{mapping_at, read_maps};
 
 /// How often the reported return addresses are read.
@@ -96,26 +93,6 @@ impl Probes {
         }
         self.attached.push(format!("purge uprobes {}", described.join(" ")));
         Ok(())
-    }
-
-    /// `prog` (loaded on first use) on `path` at `location`, for process `pid` only.
-    fn uprobe(
-        &mut self,
-        prog: &str,
-        path: &std::path::Path,
-        location: UProbeAttachLocation,
-        cookie: u64,
-        pid: NonZeroU32,
-    ) -> Result<UProbeLink> {
-        let p: &mut UProbe = program(&mut self.ebpf, prog)?.try_into()?;
-        if p.fd().is_err() {
-            p.load().with_context(|| format!("loading {prog}"))?;
-        }
-        let point = UProbeAttachPoint { location, cookie: Some(cookie) };
-        let id = p
-            .attach(point, path, UProbeScope::OneProcess(pid))
-            .with_context(|| format!("attaching {prog} to {}", path.display()))?;
-        Ok(p.take_link(id)?)
     }
 
     /// Probes the call sites reported since the last look, and detaches the stepped entry

@@ -7,7 +7,7 @@ pub mod symbols;
 pub mod tracefs;
 pub mod wrappers;
 
-use std::num::NonZeroU32;
+use std::{num::NonZeroU32, path::Path};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -15,7 +15,7 @@ use aya::{
     maps::PerCpuArray,
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
     },
 };
 use tracer_common::{
@@ -479,13 +479,12 @@ impl Probes {
     fn attach_alloc_uprobes(&mut self, target: &Target, symbols: &[alloc::AllocSymbol]) -> Result<()> {
         let pid = NonZeroU32::new(target.pid).ok_or_else(|| anyhow!("PID 0"))?;
         for prog in ["alloc_enter", "alloc_exit"] {
-            let p: &mut UProbe = program(&mut self.ebpf, prog)?.try_into()?;
-            p.load()?;
             for s in symbols {
-                let id = p
-                    .attach(s.symbol.as_str(), &s.open_path, UProbeScope::OneProcess(pid))
-                    .with_context(|| format!("attaching {prog} to {}:{}", s.object.display(), s.symbol))?;
-                self.links.push(Box::new(p.take_link(id)?));
+                let at = UProbeAttachLocation::Symbol(&s.symbol);
+                let link = self
+                    .uprobe(prog, &s.open_path, at, 0, pid)
+                    .with_context(|| format!("on {}:{}", s.object.display(), s.symbol))?;
+                self.links.push(Box::new(link));
             }
         }
         for s in symbols {
@@ -550,23 +549,38 @@ impl Probes {
     fn attach_sites(&mut self, progs: &[&str], target: &Target, sites: &[(wrappers::Site, u64)]) -> Result<()> {
         let pid = NonZeroU32::new(target.pid).ok_or_else(|| anyhow!("PID 0"))?;
         for prog in progs {
-            let p: &mut UProbe = program(&mut self.ebpf, prog)?.try_into()?;
-            p.load().with_context(|| format!("loading {prog}"))?;
             for (site, cookie) in sites {
-                let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::SymbolOffset(&site.binding.symbol, site.offset),
-                    cookie: Some(*cookie),
-                };
-                let id = p
-                    .attach(point, &site.binding.open_path, UProbeScope::OneProcess(pid))
-                    .with_context(|| format!("attaching {prog} to {}", site.describe()))?;
-                self.links.push(Box::new(p.take_link(id)?));
+                let at = UProbeAttachLocation::SymbolOffset(&site.binding.symbol, site.offset);
+                let link = self
+                    .uprobe(prog, &site.binding.open_path, at, *cookie, pid)
+                    .with_context(|| format!("on {}", site.describe()))?;
+                self.links.push(Box::new(link));
             }
         }
         let kind = if progs.len() > 1 { "uprobes+uretprobes" } else { "uprobes" };
         let names: Vec<String> = sites.iter().map(|(s, _)| s.describe()).collect();
         self.attached.push(format!("{kind} {}", names.join(" ")));
         Ok(())
+    }
+
+    /// `prog` (loaded on first use) on `path` at `location`, for process `pid` only.
+    fn uprobe(
+        &mut self,
+        prog: &str,
+        path: &Path,
+        location: UProbeAttachLocation,
+        cookie: u64,
+        pid: NonZeroU32,
+    ) -> Result<UProbeLink> {
+        let p: &mut UProbe = program(&mut self.ebpf, prog)?.try_into()?;
+        if p.fd().is_err() {
+            p.load().with_context(|| format!("loading {prog}"))?;
+        }
+        let point = UProbeAttachPoint { location, cookie: Some(cookie) };
+        let id = p
+            .attach(point, path, UProbeScope::OneProcess(pid))
+            .with_context(|| format!("attaching {prog} to {}", path.display()))?;
+        Ok(p.take_link(id)?)
     }
 
     fn tracepoint(&mut self, prog: &str, category: &str, names: &[&str]) -> Result<()> {
