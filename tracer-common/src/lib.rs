@@ -146,6 +146,7 @@ pub mod globals {
 pub mod maps {
     pub const THREADS: &str = "THREADS";
     pub const ITER_HIST: &str = "ITER_HIST";
+    pub const HIST_USED: &str = "HIST_USED";
     pub const STALLS: &str = "STALLS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const LISTENERS: &str = "LISTENERS";
@@ -182,8 +183,15 @@ pub mod counter {
     pub const UNTIMED_PURGES: u32 = 5;
     /// Purge calls only the wrapper's stepped entry probe timed: while any are made, it stays.
     pub const STEPPED_PURGES: u32 = 6;
-    pub const LEN: u32 = 7;
+    /// Loop threads left without a histogram because every `ITER_HIST` slot was claimed:
+    /// their stalls are still reported.
+    pub const HISTS_FULL: u32 = 7;
+    pub const LEN: u32 = 8;
 }
+
+/// How many slots past `HIST_USED` a histogram claim tries, and so how far past it userspace
+/// reads: a claim racing another can leave `HIST_USED` short of the slots claimed.
+pub const CLAIM_TRIES: u32 = 8;
 
 /// Fixed offsets of syscall tracepoint records (`syscalls:sys_{enter,exit}_*` and
 /// `raw_syscalls:*`): part of the tracepoint ABI, stable across kernels.
@@ -405,6 +413,10 @@ pub const SWITCHES_UNKNOWN: u64 = u64::MAX;
 pub struct ThreadState {
     pub tgid: u32,
     pub flags: u32,
+    /// The thread's slot in `ITER_HIST` plus one; 0 until the kernel claims one (an entry
+    /// userspace made for a thread found waiting at attach starts without).
+    pub hist: u32,
+    pub _pad: u32,
     /// Start of the current iteration; 0 while waiting in epoll, and until a program first
     /// sees the thread running after the wait (see `resume_ns`).
     pub iter_start_ns: u64,
@@ -448,13 +460,14 @@ pub struct ThreadState {
     pub parts: Components,
 }
 
-/// Per-thread latency histograms, keyed by tid in `ITER_HIST`: every iteration, and every
-/// purge-group syscall and allocator call made inside an iteration.
+/// Per-thread latency histograms in the array `ITER_HIST` (slot `ThreadState::hist - 1`;
+/// `HIST_USED` counts the slots claimed): every iteration, and every purge-group syscall and
+/// allocator call made inside an iteration. A slot outlives its thread, for the summary.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct IterHist {
     pub tgid: u32,
-    pub _pad: u32,
+    pub tid: u32,
     pub comm: [u8; TASK_COMM_LEN],
     pub iter_max_ns: u64,
     pub purge_bytes: u64,

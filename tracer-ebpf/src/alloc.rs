@@ -40,7 +40,7 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let own = wall.saturating_sub(nested);
     s.parts.alloc_calls += 1;
     s.parts.alloc_ns += own;
-    if let Some(c) = histograms(current_tid()).and_then(|h| h.alloc.get_mut(hist_slot(own))) {
+    if let Some(c) = histograms(s).and_then(|h| h.alloc.get_mut(hist_slot(own))) {
         *c += 1;
     }
     if stacks::slow(own) {

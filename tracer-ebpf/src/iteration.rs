@@ -6,7 +6,6 @@
 //! begins its iteration at the time it last got back on CPU (`resume`), and the next entry
 //! ends it. Where the registers cannot be read, `epoll_exit` begins iterations instead.
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::{fentry, map, tracepoint, uprobe},
     maps::PerCpuArray,
@@ -19,7 +18,7 @@ use tracer_common::{
 
 use crate::{
     state::{
-        ITER_HIST, STALLS, THREADS, ZERO_HIST, count, current_tid, global, histograms, now, other_process, thread,
+        STALLS, THREADS, claim_histogram, count, current_tid, global, histograms, now, other_process, thread,
         threshold_ns,
     },
     task::{self, Task},
@@ -86,18 +85,19 @@ fn wait_entered(before_syscall: bool) -> u32 {
     let current = task::current();
     let switches = task::switches(current);
     let Some(s) = thread(tid).filter(|s| s.tgid == tgid) else {
-        // The first wait of this thread, or a recycled tid.
-        track_thread(tgid, tid, now, switches);
+        // The first wait of this thread, or a recycled tid. (The claim is made here, not in
+        // track_thread: the two stack frames together exceed BPF's 512 bytes.)
+        track_thread(tgid, tid, claim_histogram(tgid, tid), now, switches);
         return 0;
     };
     let start = if s.iter_start_ns != 0 { s.iter_start_ns } else { begin_ns(s, tid, switches).unwrap_or(0) };
     if start != 0 {
         let duration = now.saturating_sub(start);
-        if !record_histogram(tid, duration) {
+        if s.hist == 0 {
             // A thread userspace found waiting at attach: its histogram starts here.
-            new_histogram(tgid, tid);
-            record_histogram(tid, duration);
+            s.hist = claim_histogram(tgid, tid);
         }
+        record_histogram(s, duration);
         if duration >= threshold_ns() {
             emit_stall(s, tid, start, duration);
         }
@@ -230,47 +230,29 @@ pub fn on_cpu(s: &mut ThreadState, ts: u64, switches: u64) {
 }
 
 #[inline(never)]
-fn track_thread(tgid: u32, tid: u32, now: u64, switches: u64) {
+fn track_thread(tgid: u32, tid: u32, hist: u32, now: u64, switches: u64) {
     let state = ThreadState {
         tgid,
         flags: IN_EPOLL,
+        hist,
         resume_ns: now,
         switches,
         ..ThreadState::default()
     };
     if THREADS.insert(tid, state, 0).is_err() {
         count(counter::THREADS_FULL);
-        return;
-    }
-    new_histogram(tgid, tid);
-}
-
-/// A histogram does not fit on the 512-byte BPF stack: insert a copy of an all-zero map value
-/// and fill in the header in place.
-#[inline(never)]
-fn new_histogram(tgid: u32, tid: u32) {
-    let Some(zero) = ZERO_HIST.get(0) else { return };
-    if ITER_HIST.insert(tid, zero, BPF_NOEXIST as u64).is_err() {
-        return;
-    }
-    if let Some(h) = ITER_HIST.get_ptr_mut(tid) {
-        // SAFETY: just inserted for the calling thread.
-        let h = unsafe { &mut *h };
-        h.tgid = tgid;
-        h.comm = bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]);
     }
 }
 
 #[inline(always)]
-fn record_histogram(tid: u32, duration: u64) -> bool {
-    let Some(h) = histograms(tid) else { return false };
+fn record_histogram(s: &ThreadState, duration: u64) {
+    let Some(h) = histograms(s) else { return };
     if let Some(c) = h.iter.get_mut(hist_slot(duration)) {
         *c += 1;
     }
     if duration > h.iter_max_ns {
         h.iter_max_ns = duration;
     }
-    true
 }
 
 #[inline(never)]

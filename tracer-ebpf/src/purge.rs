@@ -146,7 +146,7 @@ fn purge_done<C: EbpfContext + StackIdContext>(ctx: &C, s: &mut ThreadState, at_
     *calls += 1;
     *ns += elapsed;
     *bytes += s.purge_len;
-    if let Some(h) = histograms(current_tid()) {
+    if let Some(h) = histograms(s) {
         if let Some(c) = h.purge.get_mut(hist_slot(elapsed)) {
             *c += 1;
         }

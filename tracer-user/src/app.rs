@@ -62,6 +62,9 @@ pub struct App {
     /// Loop threads the kernel could not track (its thread table was full): their stalls are
     /// not seen, which the summary must say.
     pub untracked_threads: u64,
+    /// Loop threads traced without a histogram (every slot was claimed): their iterations are
+    /// missing from the histograms, which the summary must say.
+    pub threads_without_histogram: u64,
     /// Iterations whose start the kernel did not show (a switch back into the epoll wait that
     /// sched_switch never reported): timed from later than they began, or not at all.
     pub late_begins: u64,
@@ -92,6 +95,7 @@ impl App {
             lost_stacks: 0,
             stacks_received: 0,
             untracked_threads: 0,
+            threads_without_histogram: 0,
             late_begins: 0,
             untimed_purges: 0,
             purge_sites: None,

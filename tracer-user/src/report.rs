@@ -47,6 +47,7 @@ struct Summary<'a> {
     starvations: u64,
     lost_stacks: u64,
     untracked_threads: u64,
+    threads_without_histogram: u64,
     late_begins: u64,
     untimed_purges: u64,
     /// Where purge wrappers are probed at their return: their call sites probed, refused,
@@ -314,6 +315,7 @@ impl Reporter {
                     starvations: app.starvations,
                     lost_stacks: app.lost_stacks,
                     untracked_threads: app.untracked_threads,
+                    threads_without_histogram: app.threads_without_histogram,
                     late_begins: app.late_begins,
                     untimed_purges: app.untimed_purges,
                     purge_sites: app.purge_sites.clone(),
@@ -345,6 +347,12 @@ fn summary_text(app: &App, traced_ns: u64) -> String {
     }
     if app.untracked_threads > 0 {
         out += &format!("   {} loop threads not traced: the kernel's thread table was full\n", app.untracked_threads);
+    }
+    if app.threads_without_histogram > 0 {
+        out += &format!(
+            "   {} loop threads without a histogram (the kernel's histogram table was full): their stalls are reported, their iterations are not in the histograms\n",
+            app.threads_without_histogram
+        );
     }
     if app.late_begins > 0 {
         out += &format!(

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, RingBuf, StackTraceMap};
-use tracer_common::{IterHist, StallEvent, ThreadState, group, maps};
+use tracer_common::{CLAIM_TRIES, IterHist, StallEvent, ThreadState, group, maps};
 
 use crate::{
     app::{App, InProgress, ThreadView},
@@ -80,7 +80,6 @@ pub struct Session {
     deadline: Option<Instant>,
     alive_due: Cell<Instant>,
     thread_keys: SparseKeys,
-    hist_keys: SparseKeys,
 }
 
 impl Session {
@@ -121,7 +120,6 @@ impl Session {
             deadline,
             alive_due: Cell::new(Instant::now()),
             thread_keys: SparseKeys::default(),
-            hist_keys: SparseKeys::default(),
         })
     }
 
@@ -242,7 +240,6 @@ impl Session {
     /// `refresh`, sure to see every thread: for a summary.
     pub fn refresh_all(&mut self) -> Result<()> {
         self.thread_keys.forget();
-        self.hist_keys.forget();
         self.refresh()
     }
 
@@ -253,6 +250,7 @@ impl Session {
         self.app.lost = self.probes.lost_stalls();
         self.app.lost_stacks = self.probes.lost_stacks();
         self.app.untracked_threads = self.probes.untracked_threads();
+        self.app.threads_without_histogram = self.probes.threads_without_histogram();
         self.app.late_begins = self.probes.late_begins();
         self.app.untimed_purges = self.probes.untimed_purges();
         self.app.purge_sites = self.probes.purge_site_counts();
@@ -268,16 +266,20 @@ impl Session {
         }
     }
 
+    /// Every histogram slot the kernel claimed: a handful of reads, not a walk of the map.
     fn thread_views(&mut self) -> Result<Vec<ThreadView>> {
-        let map: HashMap<_, u32, IterHist> =
-            HashMap::try_from(self.probes.ebpf.map(maps::ITER_HIST).context("ITER_HIST map")?)?;
+        let used: Array<_, u64> = Array::try_from(self.probes.ebpf.map(maps::HIST_USED).context("HIST_USED map")?)?;
+        let hists: Array<_, IterHist> =
+            Array::try_from(self.probes.ebpf.map(maps::ITER_HIST).context("ITER_HIST map")?)?;
+        let claimed = (used.get(&0, 0)? + u64::from(CLAIM_TRIES)).min(u64::from(hists.len())) as u32;
         let pid = self.target.pid;
-        let mut views: Vec<ThreadView> = self
-            .hist_keys
-            .read(&map, |h| h.tgid == pid)
+        let mut views: Vec<ThreadView> = (0..claimed)
+            .map(|slot| hists.get(&slot, 0))
+            .collect::<Result<Vec<_>, _>>()?
             .into_iter()
-            .map(|(tid, h)| ThreadView {
-                tid,
+            .filter(|h| h.tgid == pid && h.tid != 0)
+            .map(|h| ThreadView {
+                tid: h.tid,
                 comm: comm_str(&h.comm),
                 iter: Histogram::new(&h.iter, h.iter_max_ns),
                 purge: Histogram::new(&h.purge, 0),

@@ -666,6 +666,10 @@ impl Probes {
     pub fn untracked_threads(&self) -> u64 {
         self.counter(counter::THREADS_FULL).unwrap_or(0)
     }
+
+    pub fn threads_without_histogram(&self) -> u64 {
+        self.counter(counter::HISTS_FULL).unwrap_or(0)
+    }
 }
 
 /// Syscalls that set up or tear down a connection: (tracepoint name, number, whether the net
