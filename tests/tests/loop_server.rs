@@ -127,27 +127,43 @@ fn purge_call_sites_are_learned_and_the_stepped_probe_retired() {
     assert!(madvise["calls"].as_u64().unwrap() >= 100 && madvise["ns"].as_u64().unwrap() > 0, "{last}");
 }
 
+/// Runs `hotloop ARGS` under stalltrace's defaults, started once the tracer is live, and
+/// returns the session's records after `wait`.
+fn traced_hotloop(args: &[&str], wait: Duration) -> Vec<Value> {
+    let child = Command::new(env!("CARGO_BIN_EXE_hotloop")).args(args).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let mut hot = Proc { child };
+    let tracer = Tracer::start(hot.pid(), &[]).unwrap();
+    writeln!(hot.child.stdin.as_mut().unwrap(), "go").unwrap();
+    thread::sleep(wait);
+    tracer.stop().unwrap()
+}
+
 /// rustc calls libc through the GOT (`call *madvise@GOTPCREL(%rip)`), which x86's uprobes
 /// step out of line wherever it is probed: such a site is refused, and the stepped probe on
 /// madvise stays to time its calls.
 #[test]
 fn a_call_through_the_got_keeps_the_stepped_probe() {
-    let child = Command::new(env!("CARGO_BIN_EXE_hotloop"))
-        .args(["madvise", "4", "1.5"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut hot = Proc { child };
-    let tracer = Tracer::start(hot.pid(), &[]).unwrap();
-    writeln!(hot.child.stdin.as_mut().unwrap(), "go").unwrap();
     // Its loop runs 1.7 s, then it exits, which ends the session.
-    thread::sleep(Duration::from_millis(2500));
-    let records = tracer.stop().unwrap();
+    let records = traced_hotloop(&["madvise", "4", "1.5"], Duration::from_millis(2500));
     let sites = &summary(&records)["purge_sites"];
     assert!(sites["refused"].as_u64().unwrap() >= 1, "{sites}");
     assert_eq!(sites["probed"], 0, "{sites}");
     assert!(sites["stepped"].as_array().unwrap().iter().any(|w| w == "madvise"), "{sites}");
+}
+
+/// Loop threads whose first waits race on every CPU each claim a histogram slot of their own
+/// (the kernel claims one with an atomic insert, as BPF has no fetch-and-add Rust emits).
+#[test]
+fn loop_threads_starting_at_once_get_a_histogram_each() {
+    const THREADS: usize = 6;
+    // Its loops run 0.5 s, then it exits, which ends the session.
+    let records = traced_hotloop(&["epoll", "0", "0.3", &THREADS.to_string()], Duration::from_millis(1500));
+    let s = summary(&records);
+    let threads = s["threads"].as_array().unwrap();
+    let tids: std::collections::BTreeSet<u64> = threads.iter().map(|t| t["tid"].as_u64().unwrap()).collect();
+    assert_eq!((threads.len(), tids.len()), (THREADS, THREADS), "{s}");
+    assert!(threads.iter().all(|t| t["iterations"].as_u64().unwrap() > 1000), "{s}");
+    assert_eq!(s["threads_without_histogram"], 0, "{s}");
 }
 
 #[test]

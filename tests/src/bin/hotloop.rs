@@ -1,7 +1,7 @@
 //! A tight epoll loop for measuring what each probe costs per hit (`cargo xtask bench`).
 //!
-//! `hotloop MODE K SECS`: every iteration is `epoll_wait(timeout 0)` on an always-readable
-//! eventfd, then K times one operation:
+//! `hotloop MODE K SECS [THREADS]`: every iteration is `epoll_wait(timeout 0)` on an
+//! always-readable eventfd, then K times one operation:
 //!
 //! - `epoll`   nothing (K is ignored): the loop alone, what the loop group costs
 //! - `getppid` a trivial syscall: what the syscalls group (sampled) costs per call
@@ -10,11 +10,15 @@
 //!
 //! It prints `ready`, waits for a line on stdin (so a tracer can attach first), loops for a
 //! short warm-up, then for SECS seconds, and prints `iterations=I ops=O elapsed_ns=E`.
+//! With THREADS, that many threads run a loop each, starting together (their first waits
+//! race on every CPU), and I is their sum.
 //! stalltrace only accounts threads that have returned from epoll, and only inside an
 //! iteration, which is why the operations run inside a real epoll loop.
 use std::{
     hint::black_box,
     io::BufRead as _,
+    sync::{Arc, Barrier},
+    thread,
     time::{Duration, Instant},
 };
 
@@ -34,8 +38,10 @@ enum Mode {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [mode, k, secs] = args.as_slice() else {
-        bail!("usage: hotloop epoll|getppid|madvise|realloc K SECS");
+    let (mode, k, secs, threads) = match args.as_slice() {
+        [mode, k, secs] => (mode, k, secs, None),
+        [mode, k, secs, threads] => (mode, k, secs, Some(threads.parse::<usize>().context("THREADS")?)),
+        _ => bail!("usage: hotloop epoll|getppid|madvise|realloc K SECS [THREADS]"),
     };
     let mode = match mode.as_str() {
         "epoll" => Mode::Epoll,
@@ -46,6 +52,9 @@ fn main() -> Result<()> {
     };
     let k: u64 = if mode == Mode::Epoll { 0 } else { k.parse().context("K")? };
     let secs: f64 = secs.parse().context("SECS")?;
+    if let Some(n) = threads {
+        return run_threads(mode, k, Duration::from_secs_f64(secs), n);
+    }
     let mut lp = Loop::new(mode, k)?;
     println!("ready");
     std::io::stdin().lock().read_line(&mut String::new())?;
@@ -54,6 +63,28 @@ fn main() -> Result<()> {
     let iterations = lp.run_for(Duration::from_secs_f64(secs));
     let elapsed = t.elapsed().as_nanos();
     println!("iterations={iterations} ops={} elapsed_ns={elapsed}", iterations * k);
+    Ok(())
+}
+
+fn run_threads(mode: Mode, k: u64, d: Duration, n: usize) -> Result<()> {
+    let start = Arc::new(Barrier::new(n + 1));
+    let workers: Vec<_> = (0..n)
+        .map(|_| {
+            let start = Arc::clone(&start);
+            // A loop holds raw pointers, so each thread makes its own.
+            thread::spawn(move || {
+                let mut lp = Loop::new(mode, k).expect("loop set-up");
+                start.wait();
+                lp.run_for(WARMUP + d)
+            })
+        })
+        .collect();
+    println!("ready");
+    std::io::stdin().lock().read_line(&mut String::new())?;
+    let t = Instant::now();
+    start.wait();
+    let iterations: u64 = workers.into_iter().map(|w| w.join().expect("loop thread")).sum();
+    println!("iterations={iterations} ops={} elapsed_ns={}", iterations * k, t.elapsed().as_nanos());
     Ok(())
 }
 
