@@ -54,7 +54,7 @@ struct Results {
 /// away, rather than with untraced runs minutes away.
 pub fn measure(ctx: &Ctx, redis: &Redis, ns: &[u64]) -> Result<(Section, LoadFootprint)> {
     let mut results = Results::default();
-    for round in 0..ctx.rounds {
+    for round in 0..ctx.redis_rounds {
         for (wi, &n) in ns.iter().enumerate() {
             let mut before = results.run(ctx, redis, round, Variant::Untraced, wi, n)?;
             for v in report::rotated(&VARIANTS[1..], round + wi) {
@@ -256,7 +256,7 @@ fn section(ctx: &Ctx, ns: &[u64], results: &Results) -> Section {
             redis::SERVER_CPU,
             redis::CLIENT_CPU,
             ctx.redis_secs,
-            ctx.rounds,
+            ctx.redis_rounds,
             tracers::bpftrace_script("PID", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
         ),
         commands,
