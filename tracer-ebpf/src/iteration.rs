@@ -85,9 +85,14 @@ fn wait_entered(before_syscall: bool) -> u32 {
     let current = task::current();
     let switches = task::switches(current);
     let Some(s) = thread(tid).filter(|s| s.tgid == tgid) else {
-        // The first wait of this thread, or a recycled tid. (The claim is made here, not in
-        // track_thread: the two stack frames together exceed BPF's 512 bytes.)
-        track_thread(tgid, tid, claim_histogram(tgid, tid), now, switches);
+        // The first wait of this thread, or a recycled tid. A slot is claimed only for a
+        // tracked thread (an untracked one comes back here at every wait), and from here, not
+        // in track_thread: the two stack frames together exceed BPF's 512 bytes.
+        if track_thread(tgid, tid, now, switches) {
+            if let Some(s) = thread(tid) {
+                s.hist = claim_histogram(tgid, tid);
+            }
+        }
         return 0;
     };
     let start = if s.iter_start_ns != 0 { s.iter_start_ns } else { begin_ns(s, tid, switches).unwrap_or(0) };
@@ -230,18 +235,19 @@ pub fn on_cpu(s: &mut ThreadState, ts: u64, switches: u64) {
 }
 
 #[inline(never)]
-fn track_thread(tgid: u32, tid: u32, hist: u32, now: u64, switches: u64) {
+fn track_thread(tgid: u32, tid: u32, now: u64, switches: u64) -> bool {
     let state = ThreadState {
         tgid,
         flags: IN_EPOLL,
-        hist,
         resume_ns: now,
         switches,
         ..ThreadState::default()
     };
     if THREADS.insert(tid, state, 0).is_err() {
         count(counter::THREADS_FULL);
+        return false;
     }
+    true
 }
 
 #[inline(always)]

@@ -1,5 +1,5 @@
-//! Reading the per-thread hash maps (THREADS, ITER_HIST) several times a second without
-//! walking them each time: a walk asks the kernel for every next key, and each of those scans
+//! Reading the per-thread hash map THREADS several times a second without
+//! walking it each time: a walk asks the kernel for every next key, and each of those scans
 //! buckets of a map sized for thousands of threads that holds a handful. That was most of
 //! stalltrace's own CPU on an idle or steady server. The keys found are looked up one by one
 //! instead, and the map is walked afresh every `REWALK` to find new threads.
