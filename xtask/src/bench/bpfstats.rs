@@ -1,6 +1,10 @@
 //! Kernel-side cost of the BPF programs: `kernel.bpf_stats_enabled` makes the kernel count
 //! every program's runs and run time.
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
@@ -46,20 +50,22 @@ pub type Snapshot = BTreeMap<String, Counts>;
 pub struct Programs {
     pid: u32,
     names: BTreeMap<u64, String>,
+    /// Names of the programs on uprobes. Their hits cost the target a trap that run_time_ns
+    /// does not include (uprobes and kprobes are one program type; stalltrace has no kprobe).
+    pub uprobes: BTreeSet<String>,
 }
 
 impl Programs {
     pub fn of(pid: u32) -> Result<Self> {
         let ids: Vec<u64> = fdinfo_counters(pid)?.into_keys().collect();
-        let names: BTreeMap<u64, String> = bpftool_programs()?
-            .iter()
-            .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_string())))
-            .filter(|(id, _)| ids.contains(id))
-            .collect();
+        let ours: Vec<Value> = bpftool_programs()?.into_iter().filter(|p| p["id"].as_u64().is_some_and(|id| ids.contains(&id))).collect();
+        let name = |p: &Value| p["name"].as_str().map(str::to_string);
+        let names: BTreeMap<u64, String> = ours.iter().filter_map(|p| Some((p["id"].as_u64()?, name(p)?))).collect();
         if names.is_empty() {
             bail!("PID {pid} holds no BPF programs bpftool knows");
         }
-        Ok(Self { pid, names })
+        let uprobes = ours.iter().filter(|p| p["type"] == "kprobe").filter_map(name).collect();
+        Ok(Self { pid, names, uprobes })
     }
 
     pub fn snapshot(&self) -> Result<Snapshot> {

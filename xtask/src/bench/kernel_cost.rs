@@ -1,17 +1,18 @@
 //! Section 2: what stalltrace's programs cost in the kernel while Redis is under load, from
 //! the kernel's own BPF statistics. A pass of its own: the statistics add two clock reads to
 //! every program run, which must not weigh on section 1's throughput numbers.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 
 use super::{
     Ctx,
     bpfstats::{self, Programs, StatsEnabled},
-    quiet,
+    procs, quiet,
     redis::{self, Redis, WORKLOADS},
     report::{self, Section, Table},
     tracers::{self, Variant},
+    trap_cost,
 };
 
 const VARIANTS: [Variant; 3] =
@@ -23,10 +24,11 @@ const PROGRAM_ORDER: [&str; 13] = [
     "purge_exit", "sched_switch", "thread_waking", "stall_sample", "alloc_enter", "alloc_exit", "conn_enter",
 ];
 
-/// Per run: requests, wall seconds, and each program's (runs, ns) over the run.
+/// Per run: requests, wall seconds, Redis' CPU ns, and each program's (runs, ns) over the run.
 struct Run {
     requests: u64,
     wall_secs: f64,
+    redis_ns: u64,
     programs: bpfstats::Snapshot,
 }
 
@@ -42,19 +44,23 @@ type Runs = BTreeMap<(String, usize), Vec<Run>>;
 pub fn measure(ctx: &Ctx, redis: &Redis, ns: &[u64]) -> Result<Section> {
     let _stats = StatsEnabled::enable()?;
     let mut runs = Runs::new();
-    let mut raw = Vec::new();
+    let mut uprobes = BTreeSet::new();
+    let (trap_ns, mut raw) = trap_cost::measure(ctx)?;
     for round in 0..ctx.rounds {
         for v in report::rotated(&VARIANTS, round) {
             let tracer = v.attach(&ctx.stalltrace, redis.pid())?.expect("a stalltrace variant");
             let programs = Programs::of(tracer.pid())?;
+            uprobes.extend(programs.uprobes.iter().cloned());
             for (wi, (w, &n)) in WORKLOADS.iter().zip(ns).enumerate() {
                 // Others' syscalls run these programs too: a disturbed run is repeated.
                 let run = quiet::run(&ctx.tally, &format!("{} {} (bpf stats)", v.label(), w.label()), || {
                     redis.flush()?;
                     let before = programs.snapshot()?;
+                    let redis_before = procs::cpu_ns(redis.pid())?;
                     let bench = redis::run_benchmark(redis.port, w, n)?;
+                    let redis_ns = procs::cpu_ns(redis.pid())? - redis_before;
                     let delta = bpfstats::delta(&before, &programs.snapshot()?);
-                    Ok(Run { requests: bench.requests, wall_secs: bench.wall_secs, programs: delta })
+                    Ok(Run { requests: bench.requests, wall_secs: bench.wall_secs, redis_ns, programs: delta })
                 })?;
                 raw.push(raw_line(round, &v.label(), &w.label(), &run.value) + &run.note());
                 runs.entry((v.label(), wi)).or_default().push(run.value);
@@ -62,7 +68,13 @@ pub fn measure(ctx: &Ctx, redis: &Redis, ns: &[u64]) -> Result<Section> {
             tracers::stop(tracer)?;
         }
     }
-    Ok(section(ctx, &runs, raw))
+    Ok(section(ctx, &runs, &Accounting { uprobes, trap_ns }, raw))
+}
+
+/// What turns the counters into a cost to Redis: which programs trap, and what a trap costs.
+struct Accounting {
+    uprobes: BTreeSet<String>,
+    trap_ns: f64,
 }
 
 fn raw_line(round: usize, variant: &str, workload: &str, run: &Run) -> String {
@@ -71,9 +83,10 @@ fn raw_line(round: usize, variant: &str, workload: &str, run: &Run) -> String {
     format!("round {} | {variant:<24} | {workload:<17} | {n} req | {secs:.2}s | {}", round + 1, progs.join(", "))
 }
 
-fn section(ctx: &Ctx, runs: &Runs, raw: Vec<String>) -> Section {
+fn section(ctx: &Ctx, runs: &Runs, acc: &Accounting, raw: Vec<String>) -> Section {
     let mut tables: Vec<Table> = VARIANTS.iter().map(|v| program_table(runs, &v.label())).collect();
     tables.push(totals_table(runs));
+    tables.push(accounted_table(runs, acc));
     Section {
         title: "Kernel-side cost of stalltrace's BPF programs (Redis load)".into(),
         method: format!(
@@ -84,8 +97,18 @@ fn section(ctx: &Ctx, runs: &Runs, raw: Vec<String>) -> Section {
              counters from /proc/PID/fdinfo, names from `bpftool prog show -j`). Programs see every \
              process's events, the client's syscalls included, which is why runs per request \
              exceed what Redis alone does. Medians over the rounds. One table per variant \
-             (runs per million requests, ns per run), then the totals.",
-            ctx.rounds
+             (runs per million requests, ns per run), then the totals.\n\n\
+             The last table accounts what the probes cost Redis, with far less noise than \
+             section 1's throughput. A uprobe hit costs the target its program plus a trap into \
+             the kernel and back, which run_time_ns does not include. The trap was measured \
+             here: hotloop's epoll loop under `--probes loop` minus untraced, minus the \
+             program's run_time_ns a hit, {} pairs, median {:.0} ns. Per request: uprobe hits \
+             times that, plus every program's run time (the client's events included, so this \
+             overstates Redis' share), over Redis' own CPU ns a request in the same run. Where \
+             Redis is CPU-bound (here at -P 16) its throughput keeps 1 minus that share.",
+            ctx.rounds,
+            ctx.rounds,
+            acc.trap_ns
         ),
         commands: vec![
             "sysctl -w kernel.bpf_stats_enabled=1".into(),
@@ -131,6 +154,40 @@ fn totals_table(runs: &Runs) -> Table {
             let med = report::median(&per_mreq);
             let cpu = report::median(&cpu);
             table.row(vec![v.label(), w.label(), report::int(med), report::num(med / 1e6, 0), report::num(cpu, 2)]);
+        }
+    }
+    table
+}
+
+/// Per request: uprobe hits, their traps' ns, all programs' ns, Redis' CPU ns, and the
+/// share of Redis' CPU the probes account for.
+fn accounted_table(runs: &Runs, acc: &Accounting) -> Table {
+    let mut table = Table::new(&[
+        "variant",
+        "workload",
+        "uprobe hits/request",
+        "trap ns/request",
+        "BPF ns/request",
+        "Redis CPU ns/request",
+        "probes' share of Redis CPU",
+    ]);
+    for v in VARIANTS {
+        for (wi, w) in WORKLOADS.iter().enumerate() {
+            let rs = runs.get(&(v.label(), wi)).map_or(&[][..], Vec::as_slice);
+            let per_request = |f: &dyn Fn(&Run) -> f64| report::median(&rs.iter().map(|r| f(r) / r.requests as f64).collect::<Vec<_>>());
+            let hits = |r: &Run| r.programs.iter().filter(|(n, _)| acc.uprobes.contains(*n)).map(|(_, c)| c.runs).sum::<u64>() as f64;
+            let bpf = |r: &Run| r.programs.values().map(|c| c.ns).sum::<u64>() as f64;
+            let share = |r: &Run| (hits(r) * acc.trap_ns + bpf(r)) / r.redis_ns.max(1) as f64;
+            let shares: Vec<f64> = rs.iter().map(share).collect();
+            table.row(vec![
+                v.label(),
+                w.label(),
+                report::num(per_request(&hits), 4),
+                report::num(per_request(&hits) * acc.trap_ns, 1),
+                report::num(per_request(&bpf), 1),
+                report::int(per_request(&|r: &Run| r.redis_ns as f64)),
+                format!("{}%", report::num(100.0 * report::median(&shares), 2)),
+            ]);
         }
     }
     table

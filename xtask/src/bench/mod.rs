@@ -22,6 +22,7 @@ mod redis;
 mod redis_cost;
 mod report;
 mod tracers;
+mod trap_cost;
 
 use std::{
     collections::BTreeSet,
