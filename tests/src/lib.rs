@@ -108,6 +108,8 @@ impl LineClient {
 pub struct Tracer {
     proc: Proc,
     stdout_rx: mpsc::Receiver<String>,
+    /// Lines `wait_for` read, for `stop` to return with the rest.
+    read: Vec<String>,
 }
 
 impl Tracer {
@@ -133,7 +135,21 @@ impl Tracer {
         if !banner.contains("tracing PID") {
             bail!("stalltrace did not attach: {banner}");
         }
-        Ok(Self { proc, stdout_rx })
+        Ok(Self { proc, stdout_rx, read: Vec::new() })
+    }
+
+    /// The first record, while the tracer runs, that `pred` accepts.
+    pub fn wait_for(&mut self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.stdout_rx.recv_timeout(left).map_err(|_| anyhow!("no such record within {timeout:?}"))?;
+            let record: Value = serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
+            self.read.push(line);
+            if pred(&record) {
+                return Ok(record);
+            }
+        }
     }
 
     /// SIGINT (as Ctrl-C would), then every JSON record it printed, summary last.
@@ -150,8 +166,12 @@ impl Tracer {
         if !status.success() {
             bail!("stalltrace exited with {status}");
         }
-        let mut records = Vec::new();
+        let mut lines = std::mem::take(&mut self.read);
         while let Ok(line) = self.stdout_rx.recv_timeout(Duration::from_secs(2)) {
+            lines.push(line);
+        }
+        let mut records = Vec::new();
+        for line in lines {
             records.push(serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?);
         }
         Ok(records)

@@ -247,3 +247,31 @@ fn an_idle_loop_reports_no_stalls_but_counts_its_iterations() {
     assert!(s["iterations"].as_u64().unwrap() >= 20, "{s}");
     assert_eq!(s["threads"][0]["tid"], server.proc.pid(), "{s}");
 }
+
+#[test]
+fn a_stall_is_announced_while_it_lasts() {
+    let server = LoopServer::start(false).unwrap();
+    let mut client = server.client().unwrap();
+    let mut tracer = Tracer::start(server.proc.pid(), &["-t", "50ms"]).unwrap();
+    client.call("PING").unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let sleeper = thread::spawn(move || {
+        let r = client.call("SLEEP 1500");
+        done_tx.send(()).unwrap();
+        r
+    });
+    let notice = tracer.wait_for(|r| r["type"] == "stall_ongoing", Duration::from_secs(5)).unwrap();
+    assert!(done_rx.try_recv().is_err(), "announced only once the stall had ended: {notice}");
+    sleeper.join().unwrap().unwrap();
+    thread::sleep(Duration::from_millis(700));
+    let records = tracer.stop().unwrap();
+    // Seen at the watch's next look (every 100 ms) after the iteration passed 50 ms.
+    assert!((50.0..1000.0).contains(&ms(&notice["elapsed_ns"])), "{notice}");
+    assert_eq!(notice["tid"], server.proc.pid(), "{notice}");
+    assert_eq!(notice["comm"], "demo-loop", "{notice}");
+    let stall = only_stall(&records, "off_cpu");
+    assert_eq!(stall["start_ns"], notice["start_ns"], "the notice names the stall that followed: {records:#?}");
+    assert!(ms(&stall["duration_ns"]) >= 1500.0, "{stall}");
+    let notices = records.iter().filter(|r| r["type"] == "stall_ongoing").count();
+    assert_eq!(notices, 1, "one notice a stall: {records:#?}");
+}

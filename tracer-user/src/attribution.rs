@@ -242,7 +242,7 @@ fn top_syscalls(nrs: &[u32; TOP_SYSCALLS], ns: &[u64; TOP_SYSCALLS]) -> Vec<(Str
         .filter(|(nr, _)| **nr != 0)
         .map(|(nr, ns)| (syscall_name(u64::from(*nr - 1)), *ns))
         .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|&(_, ns)| std::cmp::Reverse(ns));
     v
 }
 

@@ -7,6 +7,7 @@ mod demo;
 mod flame;
 mod histogram;
 mod net;
+mod ongoing;
 mod probes;
 mod report;
 mod session;

@@ -13,6 +13,7 @@ use crate::{
     attribution::{Stall, Verdict},
     histogram::{Bucket, Histogram, Percentiles, human_bytes, human_ns},
     net::{ListenerSample, NetDelta, storm::Storm},
+    ongoing::Ongoing,
     session::{Event, Session},
     starvation::Starvation,
 };
@@ -148,8 +149,22 @@ impl Reporter {
             (Format::Human, Event::Storm(s)) => self.storm_line(s),
             (Format::Json, Event::Starvation(s)) => serde_json::to_string(s).expect("starvation serializes"),
             (Format::Human, Event::Starvation(s)) => self.starvation_text(s),
+            (Format::Json, Event::Ongoing(o)) => serde_json::to_string(o).expect("ongoing serializes"),
+            (Format::Human, Event::Ongoing(o)) => self.ongoing_line(o),
         };
         print_line(&line);
+    }
+
+    fn ongoing_line(&self, o: &Ongoing) -> String {
+        let wall = (o.start_ns as i128 + self.wall_offset_ns) as u64;
+        format!(
+            "{} {}[{}/{}] STALLING: one iteration running for {} so far (its record follows when it ends)",
+            wall_clock(wall),
+            o.comm,
+            o.pid,
+            o.tid,
+            human_ns(o.elapsed_ns)
+        )
     }
 
     fn starvation_text(&self, s: &Starvation) -> String {

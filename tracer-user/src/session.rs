@@ -18,6 +18,7 @@ use crate::{
     app::{App, InProgress, ThreadView},
     attribution::{self, Stall, comm_str},
     histogram::{Histogram, human_ns},
+    ongoing::{self, Ongoing, OngoingWatch},
     net::{
         AFTER_STALL_NS, NetDelta, NetMonitor,
         storm::{Storm, StormDetector},
@@ -43,16 +44,20 @@ pub struct TraceOptions {
 }
 
 /// What the front ends print.
+// A handful a drain, printed at once: boxing the large stall would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     Stall(Stall),
     Storm(Storm),
     Starvation(Starvation),
+    Ongoing(Ongoing),
 }
 
 /// How often the process's threads are looked at for starvation.
 const STARVE_POLL: Duration = Duration::from_millis(500);
-/// How often a sleeping loop thread in a stalled iteration has its stack read.
-const BLOCKED_EVERY: Duration = Duration::from_millis(100);
+/// How often the loop threads are looked at for iterations past the threshold: to announce
+/// them (`ongoing`) and to read a sleeping one's stack.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// Reading /proc/PID/stat walks the target's threads: twice a second notices an exit soon
 /// enough.
 const ALIVE_EVERY: Duration = Duration::from_millis(500);
@@ -72,8 +77,9 @@ pub struct Session {
     target: Target,
     net: Option<Net>,
     stacks: Option<StackCollector>,
-    /// When blocked loop threads are next looked at (their stacks come from /proc).
-    blocked_due: Option<Instant>,
+    /// When the loop threads are next looked at for stalled iterations.
+    watch_due: Instant,
+    ongoing: OngoingWatch,
     starvation: Option<(StarvationMonitor, Instant)>,
     pub app: App,
     stop: Arc<AtomicBool>,
@@ -104,16 +110,14 @@ impl Session {
         };
         let app = App::new(target.pid, target.comm.clone(), opts.threshold_ns);
         let deadline = opts.duration.map(|d| Instant::now() + d);
-        // No probe sees a syscall's exit: a sleeping loop thread's stack is read from /proc
-        // while its iteration is past the threshold (running ones are sampled in the kernel).
-        let blocked_due = stacks.is_some().then(Instant::now);
         Ok(Self {
             probes,
             ring,
             target,
             net,
             stacks,
-            blocked_due,
+            watch_due: Instant::now(),
+            ongoing: OngoingWatch::default(),
             starvation,
             app,
             stop,
@@ -175,16 +179,17 @@ impl Session {
             // 8-byte alignment, so read it unaligned.
             events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StallEvent>()) });
         }
-        self.sample_blocked();
+        let ongoing = self.watch_stalled(&events);
         // Read after the stalls: an iteration's stacks were submitted before its stall was.
         if let Some(collector) = self.stacks.as_mut() {
             collector.drain(clock_ns(libc::CLOCK_MONOTONIC));
         }
         let stalls: Vec<Stall> = events.iter().map(|ev| self.attribute(ev)).collect();
-        let mut events = match self.net.as_mut() {
+        let mut events: Vec<Event> = ongoing.into_iter().map(Event::Ongoing).collect();
+        events.extend(match self.net.as_mut() {
             None => stalls.into_iter().map(Event::Stall).collect(),
             Some(net) => net.advance(stalls, &self.app, self.target.pid, flush),
-        };
+        });
         if let Some((monitor, next)) = self.starvation.as_mut()
             && Instant::now() >= *next
         {
@@ -196,6 +201,7 @@ impl Session {
                 Event::Stall(s) => self.app.record(s.clone()),
                 Event::Storm(s) => self.app.storms.push(s.clone()),
                 Event::Starvation(s) => self.app.starvation(s.clone()),
+                Event::Ongoing(_) => {}
             }
         }
         events
@@ -291,18 +297,36 @@ impl Session {
         Ok(views)
     }
 
-    fn sample_blocked(&mut self) {
-        let Some(due) = self.blocked_due else { return };
-        if Instant::now() < due {
-            return;
+    /// Every `WATCH_EVERY`: the stalled iterations not announced yet, given the stall records
+    /// just read (`ended`); and, as no probe sees a syscall's exit, the stacks of loop threads
+    /// asleep in one, read from /proc (running ones are sampled in the kernel).
+    fn watch_stalled(&mut self, ended: &[StallEvent]) -> Vec<Ongoing> {
+        if Instant::now() < self.watch_due {
+            return Vec::new();
         }
-        self.blocked_due = Some(Instant::now() + BLOCKED_EVERY);
-        let Ok(stalled) = self.stalled_iterations() else { return };
+        self.watch_due = Instant::now() + WATCH_EVERY;
+        let Ok(stalled) = self.stalled_iterations() else { return Vec::new() };
+        // The live view shows them as soon as they are announced.
+        self.app.in_progress = self.in_progress_of(&stalled);
         if let Some(collector) = self.stacks.as_mut() {
-            for (tid, start, elapsed) in stalled {
+            for &(tid, start, elapsed) in &stalled {
                 collector.sample_blocked(self.target.pid, tid, start, elapsed, self.app.threshold_ns);
             }
         }
+        let ended: Vec<(u32, u64)> = ended.iter().map(|e| (e.tid, e.start_ns)).collect();
+        let (pid, comm) = (self.target.pid, &self.target.comm);
+        self.ongoing
+            .observe(&stalled, &ended)
+            .into_iter()
+            .map(|(tid, start_ns, elapsed_ns)| Ongoing {
+                kind: "stall_ongoing",
+                pid,
+                tid,
+                comm: ongoing::thread_comm(pid, tid, comm),
+                start_ns,
+                elapsed_ns,
+            })
+            .collect()
     }
 
     /// (tid, iteration start, elapsed) of every iteration past the threshold right now.
@@ -324,11 +348,15 @@ impl Session {
     /// Iterations running longer than the threshold right now: a stall shows while it lasts.
     fn in_progress(&mut self) -> Result<Vec<InProgress>> {
         let stalled = self.stalled_iterations()?;
+        Ok(self.in_progress_of(&stalled))
+    }
+
+    fn in_progress_of(&self, stalled: &[(u32, u64, u64)]) -> Vec<InProgress> {
         let comm_of = |tid: u32| self.app.threads.iter().find(|t| t.tid == tid).map(|t| t.comm.clone());
-        Ok(stalled
-            .into_iter()
-            .map(|(tid, _, elapsed_ns)| InProgress { tid, comm: comm_of(tid).unwrap_or_default(), elapsed_ns })
-            .collect())
+        stalled
+            .iter()
+            .map(|&(tid, _, elapsed_ns)| InProgress { tid, comm: comm_of(tid).unwrap_or_default(), elapsed_ns })
+            .collect()
     }
 }
 
@@ -393,7 +421,7 @@ impl Net {
 fn known_stalls(app: &App, now: &[Event], pending: &[Stall]) -> Vec<(u64, u64, u32)> {
     let reported = app.stalls.iter().chain(pending).chain(now.iter().filter_map(|e| match e {
         Event::Stall(s) => Some(s),
-        Event::Storm(_) | Event::Starvation(_) => None,
+        Event::Storm(_) | Event::Starvation(_) | Event::Ongoing(_) => None,
     }));
     let mut out: Vec<_> = reported.map(|s| (s.start_ns, s.start_ns + s.duration_ns, s.tid)).collect();
     let now_ns = clock_ns(libc::CLOCK_MONOTONIC);

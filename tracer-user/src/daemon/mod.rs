@@ -224,6 +224,7 @@ fn event_json(e: &Event) -> String {
         Event::Stall(s) => serde_json::to_value(s),
         Event::Storm(s) => serde_json::to_value(s),
         Event::Starvation(s) => serde_json::to_value(s),
+        Event::Ongoing(o) => serde_json::to_value(o),
     }
     .expect("records serialize");
     // The journal outlives boots: wall-clock time beside the monotonic one.

@@ -136,13 +136,10 @@ pub fn returned_offset(code: &[u8], ip: u64) -> Option<u64> {
 /// and conditional jumps, and a plain nop. Any prefix (0x66 is refused for branches) sends
 /// an instruction to the out-of-line step, so only bare encodings count.
 fn emulated(bytes: &[u8]) -> bool {
-    match bytes {
-        [0x90] => true,
-        [0x70..=0x7f | 0xeb, _] => true,
-        [0xe8 | 0xe9, _, _, _, _] => true,
-        [0x0f, 0x80..=0x8f, _, _, _, _] => true,
-        _ => false,
-    }
+    matches!(
+        bytes,
+        [0x90] | [0x70..=0x7f | 0xeb, _] | [0xe8 | 0xe9, _, _, _, _] | [0x0f, 0x80..=0x8f, _, _, _, _]
+    )
 }
 
 fn clobbers_probe_state(info: &iced_x86::InstructionInfo) -> bool {

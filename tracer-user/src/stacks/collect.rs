@@ -119,7 +119,7 @@ impl StackCollector {
             .into_iter()
             .map(|((frames, kind), (weight_ns, count))| WeightedStack { frames, weight_ns, kind, count })
             .collect();
-        out.sort_by(|a, b| b.weight_ns.cmp(&a.weight_ns));
+        out.sort_by_key(|w| std::cmp::Reverse(w.weight_ns));
         out
     }
 

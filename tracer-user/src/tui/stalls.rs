@@ -20,7 +20,7 @@ pub fn visible<'a>(app: &'a App, view: &View) -> Vec<&'a Stall> {
     let mut v: Vec<&Stall> = app.stalls.iter().take(n).collect();
     match view.sort {
         Sort::Newest => v.reverse(),
-        Sort::Longest => v.sort_by(|a, b| b.duration_ns.cmp(&a.duration_ns)),
+        Sort::Longest => v.sort_by_key(|s| std::cmp::Reverse(s.duration_ns)),
         Sort::Verdict => v.sort_by(|a, b| a.verdict.cmp(&b.verdict).then(b.start_ns.cmp(&a.start_ns))),
     }
     v

@@ -1,4 +1,5 @@
-//! Section 5: how soon after a stall ends its record reaches a reader of stalltrace's output.
+//! Section 5: how soon a reader of stalltrace's output learns of a stall: the notice while it
+//! lasts (what the live view shows at the same moment), and the record after it ends.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::TcpStream,
@@ -16,7 +17,8 @@ use super::{
     tracers,
 };
 
-const STALL_MS: u64 = 100;
+const STALL_MS: u64 = 300;
+const THRESHOLD_MS: u64 = 50;
 const THRESHOLD: &str = "50ms";
 
 pub fn measure(ctx: &Ctx) -> Result<Section> {
@@ -42,40 +44,79 @@ pub fn measure(ctx: &Ctx) -> Result<Section> {
     let mut client = Client::connect(port)?;
     // The loop thread is tracked from its first epoll return after attach.
     client.call("PING")?;
-    let mut latencies = Vec::new();
-    let mut raw = Vec::new();
+    let mut samples = Samples::default();
     for i in 0..ctx.latency_samples {
+        // stalltrace looks for stalls every 100 ms: spread the stalls' starts over that period
+        // rather than let them lock to its phase.
+        std::thread::sleep(Duration::from_millis((i as u64 * 37) % 100));
         client.call(&format!("SLEEP {STALL_MS}"))?;
+        let notice = procs::wait_for_line(&records, r#""type":"stall_ongoing""#, Duration::from_secs(5), "stalltrace")?;
         let line = procs::wait_for_line(&records, r#""type":"stall""#, Duration::from_secs(5), "stalltrace")?;
         let rec: Value = serde_json::from_str(&line.text)?;
-        let end = rec["start_ns"].as_u64().context("start_ns")? + rec["duration_ns"].as_u64().context("duration_ns")?;
-        let latency = line.at_ns as f64 - end as f64;
-        let stall = report::dur_ns(rec["duration_ns"].as_f64().unwrap_or(0.0));
-        raw.push(format!("sample {:>2} | stall {stall} | read {} after its end", i + 1, report::dur_ns(latency)));
-        latencies.push(latency);
+        let start = rec["start_ns"].as_u64().context("start_ns")?;
+        let end = start + rec["duration_ns"].as_u64().context("duration_ns")?;
+        let noticed: Value = serde_json::from_str(&notice.text)?;
+        if noticed["start_ns"].as_u64() != Some(start) {
+            bail!("a notice for another stall: {} then {}", notice.text, line.text);
+        }
+        let (after_start, after_end) = (notice.at_ns as f64 - start as f64, line.at_ns as f64 - end as f64);
+        samples.raw.push(format!(
+            "sample {:>2} | stall {} | notice {} after its start | record {} after its end",
+            i + 1,
+            report::dur_ns((end - start) as f64),
+            report::dur_ns(after_start),
+            report::dur_ns(after_end)
+        ));
+        samples.after_start.push(after_start);
+        samples.after_end.push(after_end);
     }
     tracers::stop(tracer)?;
     drop(server);
-    Ok(section(ctx, &latencies, raw))
+    Ok(section(ctx, samples))
 }
 
-fn section(ctx: &Ctx, latencies: &[f64], raw: Vec<String>) -> Section {
-    let mut table = Table::new(&["samples", "median", "min", "max"]);
-    let min = latencies.iter().copied().fold(f64::NAN, f64::min);
-    table.row(vec![
-        latencies.len().to_string(),
-        report::dur_ns(report::median(latencies)),
-        report::dur_ns(min),
-        report::dur_ns(report::max(latencies)),
-    ]);
+#[derive(Default)]
+struct Samples {
+    /// From the iteration's start to its `stall_ongoing` notice, and from its end to its record.
+    after_start: Vec<f64>,
+    after_end: Vec<f64>,
+    raw: Vec<String>,
+}
+
+fn section(ctx: &Ctx, samples: Samples) -> Section {
+    let mut table = Table::new(&["from", "to", "samples", "median", "min", "max"]);
+    let threshold_ns = (THRESHOLD_MS * 1_000_000) as f64;
+    let past_threshold: Vec<f64> = samples.after_start.iter().map(|ns| ns - threshold_ns).collect();
+    let rows = [
+        ("the stall's start", "its `stall_ongoing` notice (and the live view)", &samples.after_start),
+        ("its crossing the threshold", "the notice", &past_threshold),
+        ("the stall's end", "its `stall` record", &samples.after_end),
+    ];
+    for (from, to, v) in rows {
+        table.row(vec![
+            from.into(),
+            to.into(),
+            v.len().to_string(),
+            report::dur_ns(report::median(v)),
+            report::dur_ns(v.iter().copied().fold(f64::NAN, f64::min)),
+            report::dur_ns(report::max(v)),
+        ]);
+    }
     Section {
         title: "Detection latency".into(),
         method: format!(
             "The demo server stalls {STALL_MS} ms on `SLEEP {STALL_MS}`; stalltrace traces it with \
              `--json -t {THRESHOLD}`. The bench reads stalltrace's stdout line by line and stamps \
-             each line with CLOCK_MONOTONIC as it is read; latency = that stamp − (start_ns + \
-             duration_ns), i.e. from the epoll call that ends the stall to the record in the \
-             reader's hands. {} samples, one stall at a time.",
+             each line with CLOCK_MONOTONIC as it is read. While a stall lasts, stalltrace \
+             announces it once with a `stall_ongoing` record as soon as it sees the iteration past \
+             the threshold: it looks every 100 ms, and the live view shows the iteration in \
+             progress from the same look (the stalls start at spread phases of that period). Its latency is that stamp − start_ns. When the stall \
+             ends its `stall` record follows, with the verdict: latency = stamp − (start_ns + \
+             duration_ns), from the epoll call that ends the stall to the record in the reader's \
+             hands. That record waits for the 500 ms after the stall, in which the net group \
+             counts the connections refused and opened (a storm after a stall is its \
+             consequence), plus up to the 100 ms the front end sleeps between reads of the ring \
+             buffer. {} samples, one stall at a time.",
             ctx.latency_samples
         ),
         commands: vec![
@@ -84,7 +125,7 @@ fn section(ctx: &Ctx, latencies: &[f64], raw: Vec<String>) -> Section {
             format!("printf 'SLEEP {STALL_MS}\\n' to the server, {} times", ctx.latency_samples),
         ],
         tables: vec![table],
-        raw,
+        raw: samples.raw,
     }
 }
 
