@@ -100,6 +100,15 @@ fn our_programs() -> BTreeSet<u64> {
         .collect()
 }
 
+/// A daemon (threshold 50 ms) watching a demo server of its own name, once it has attached.
+fn daemon_attached_to_a_server(prefix: &str) -> (Daemon, LoopServer) {
+    let name = format!("{prefix}-{}", std::process::id() % 100_000);
+    let daemon = Daemon::start(&name, "50ms", 1 << 20);
+    let server = LoopServer::start_named(&name).unwrap();
+    daemon.wait_log(&format!("attached to PID {}", server.proc.pid()), Duration::from_secs(10));
+    (daemon, server)
+}
+
 fn stall_once(server: &LoopServer) {
     server.client().unwrap().call("SLEEP 100").unwrap();
 }
@@ -183,10 +192,7 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 
 #[test]
 fn a_real_prometheus_scrapes_the_stall_counter() {
-    let name = format!("dprom-{}", std::process::id() % 100_000);
-    let daemon = Daemon::start(&name, "50ms", 1 << 20);
-    let server = LoopServer::start_named(&name).unwrap();
-    daemon.wait_log(&format!("attached to PID {}", server.proc.pid()), Duration::from_secs(10));
+    let (daemon, server) = daemon_attached_to_a_server("dprom");
     stall_once(&server);
     let web = free_port();
     let prom_dir: &Path = &daemon.dir.join("prometheus");
@@ -220,6 +226,40 @@ fn a_real_prometheus_scrapes_the_stall_counter() {
     let metrics = http_get(daemon.metrics, "/metrics").unwrap();
     for family in ["stalltrace_iteration_seconds_bucket", "stalltrace_madvise_seconds", "stalltrace_lost_records_total", "stalltrace_cpu_seconds_total", "stalltrace_bpf_run_seconds_total"] {
         assert!(metrics.contains(family), "no {family} in\n{metrics}");
+    }
+    let (ok, daemon) = daemon.stop();
+    assert!(ok, "{}", daemon.log());
+}
+
+/// The gauge's value for the target, from the endpoint's text.
+fn stalled_for(port: u16) -> Option<f64> {
+    let metrics = http_get(port, "/metrics")?;
+    let line = metrics.lines().find(|l| l.starts_with("stalltrace_stall_in_progress_seconds{"))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+#[test]
+fn a_stall_shows_on_the_gauge_while_it_lasts() {
+    let (daemon, server) = daemon_attached_to_a_server("dgauge");
+    let mut client = server.client().unwrap();
+    client.call("PING").unwrap();
+    let sleeper = thread::spawn(move || client.call("SLEEP 4000"));
+    // The daemon publishes every second: within 3 s of a 4 s stall it must show.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let during = loop {
+        let v = stalled_for(daemon.metrics).unwrap_or(0.0);
+        if v > 0.0 || Instant::now() > deadline {
+            break v;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!sleeper.is_finished(), "the stall ended before the check");
+    assert!((0.05..4.0).contains(&during), "stalltrace_stall_in_progress_seconds {during} during a 4 s stall");
+    sleeper.join().unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stalled_for(daemon.metrics) != Some(0.0) {
+        assert!(Instant::now() < deadline, "the gauge stayed up after the stall: {:?}", stalled_for(daemon.metrics));
+        thread::sleep(Duration::from_millis(200));
     }
     let (ok, daemon) = daemon.stop();
     assert!(ok, "{}", daemon.log());

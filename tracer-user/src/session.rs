@@ -230,6 +230,7 @@ impl Session {
             iter: app.combined(|t| &t.iter),
             purge: app.combined(|t| &t.purge),
             alloc: app.combined(|t| &t.alloc),
+            stalled_for_ns: app.in_progress.iter().map(|p| p.elapsed_ns).max().unwrap_or(0),
         }
     }
 

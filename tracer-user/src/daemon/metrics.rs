@@ -32,6 +32,10 @@ pub struct TargetMetrics {
     pub iter: Histogram,
     pub purge: Histogram,
     pub alloc: Histogram,
+    /// How long the longest iteration past the threshold has run so far (0: none). The
+    /// histograms and counters only learn of a stall when it ends: a server frozen for good
+    /// shows only here. The live session's alone: `absorb` leaves it out.
+    pub stalled_for_ns: u64,
 }
 
 impl TargetMetrics {
@@ -115,6 +119,15 @@ impl Collector for Metrics {
         per_target_counter(&mut encoder, "stalltrace_starvations", "Pool starvations", &targets, |t| t.starvations)?;
         per_target_counter(&mut encoder, "stalltrace_listen_overflows", "Accept-queue overflows", &targets, |t| t.overflows)?;
         per_target_counter(&mut encoder, "stalltrace_lost_records", "Records the ring buffer could not take", &targets, |t| t.lost)?;
+        let mut stalled = encoder.encode_descriptor(
+            "stalltrace_stall_in_progress_seconds",
+            "How long the longest iteration past the threshold has run so far (0: none)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, t) in &targets {
+            ConstGauge::new(t.stalled_for_ns as f64 / 1e9).encode(stalled.encode_family(&[("target", name.as_str())].as_slice())?)?;
+        }
         let mut attached = encoder.encode_descriptor("stalltrace_attached_pid", "PID traced now (0: none)", None, MetricType::Gauge)?;
         for (name, t) in &targets {
             ConstGauge::new(i64::from(t.pid)).encode(attached.encode_family(&[("target", name.as_str())].as_slice())?)?;

@@ -162,6 +162,7 @@ impl Daemon {
             let t = snap.targets.entry(l.spec.name()).or_default();
             t.absorb(&m);
             t.pid = l.pid;
+            t.stalled_for_ns = m.stalled_for_ns;
             let (ns, n) = l.session.bpf_run_stats();
             run_ns += ns;
             runs += n;
