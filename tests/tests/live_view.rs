@@ -92,3 +92,22 @@ fn demo_live_view_shows_a_purge_and_quits_cleanly() {
     let alive = fs::read_to_string(format!("/proc/{server}/comm")).is_ok_and(|c| c.trim() == "demo-loop");
     assert!(!alive, "the demo's server {server} outlived it");
 }
+
+#[test]
+fn the_live_view_shows_a_stall_while_it_lasts_and_where_it_is() {
+    let server = tests::LoopServer::start(false).unwrap();
+    let mut client = server.client().unwrap();
+    let tmux = Tmux::new();
+    let cmd = format!("{} -p {} -t 50ms", stalltrace_bin().display(), server.proc.pid());
+    tmux.run(&["new-session", "-d", "-s", "demo", "-x", "120", "-y", "24", "sh", "-c", &cmd]);
+    tmux.wait_for("live view", Duration::from_secs(30), |s| s.contains("Iteration latency"));
+    client.call("PING").unwrap();
+    let sleeper = thread::spawn(move || client.call("SLEEP 5000"));
+    let screen = tmux.wait_for("in-progress banner naming the sleep", Duration::from_secs(4), |s| {
+        s.lines().any(|l| l.contains("STALL IN PROGRESS") && l.contains("now in") && l.contains("sleep"))
+    });
+    assert!(!sleeper.is_finished(), "the stall ended before the live view showed it:\n{screen}");
+    sleeper.join().unwrap().unwrap();
+    tmux.wait_for("the banner to go", Duration::from_secs(3), |s| !s.contains("STALL IN PROGRESS"));
+    tmux.run(&["send-keys", "-t", "demo", "q"]);
+}

@@ -269,6 +269,9 @@ fn a_stall_is_announced_while_it_lasts() {
     assert!((50.0..1000.0).contains(&ms(&notice["elapsed_ns"])), "{notice}");
     assert_eq!(notice["tid"], server.proc.pid(), "{notice}");
     assert_eq!(notice["comm"], "demo-loop", "{notice}");
+    // Where it is stuck, while it is: the sleep, read from /proc as the thread sleeps.
+    let frames: Vec<&str> = notice["stack"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(frames.iter().any(|f| f.contains("sleep")), "{notice}");
     let stall = only_stall(&records, "off_cpu");
     assert_eq!(stall["start_ns"], notice["start_ns"], "the notice names the stall that followed: {records:#?}");
     assert!(ms(&stall["duration_ns"]) >= 1500.0, "{stall}");

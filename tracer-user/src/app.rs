@@ -30,6 +30,15 @@ pub struct InProgress {
     pub tid: u32,
     pub comm: String,
     pub elapsed_ns: u64,
+    /// The innermost frame of the latest stack taken in it ("" before the first).
+    pub at: String,
+}
+
+impl InProgress {
+    /// ", now in FRAME" for the views, or nothing before the first stack.
+    pub fn now_in(&self) -> String {
+        if self.at.is_empty() { String::new() } else { format!(", now in {}", self.at) }
+    }
 }
 
 /// How far back the live view's connection-rate sparkline reaches.

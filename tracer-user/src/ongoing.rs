@@ -18,6 +18,9 @@ pub struct Ongoing {
     pub start_ns: u64,
     /// How long it had run when userspace saw it.
     pub elapsed_ns: u64,
+    /// The latest stack taken in it (a CPU sample, or /proc for a thread asleep), root first,
+    /// as a stall's `stack`; empty without the stacks group or before the first sample.
+    pub stack: Vec<String>,
 }
 
 /// Which stalled iterations have been announced.

@@ -157,14 +157,19 @@ impl Reporter {
 
     fn ongoing_line(&self, o: &Ongoing) -> String {
         let wall = (o.start_ns as i128 + self.wall_offset_ns) as u64;
-        format!(
+        let mut line = format!(
             "{} {}[{}/{}] STALLING: one iteration running for {} so far (its record follows when it ends)",
             wall_clock(wall),
             o.comm,
             o.pid,
             o.tid,
             human_ns(o.elapsed_ns)
-        )
+        );
+        // Leaf first: where it is stuck, then who called it.
+        if !o.stack.is_empty() {
+            line += &format!("\n   in {}", o.stack.iter().rev().take(6).map(String::as_str).collect::<Vec<_>>().join(" <- "));
+        }
+        line
     }
 
     fn starvation_text(&self, s: &Starvation) -> String {
@@ -294,7 +299,7 @@ impl Reporter {
             out += &delta.render("iteration time", "   ");
         }
         for p in &app.in_progress {
-            out += &format!("   IN PROGRESS: thread {} ({}) in one iteration for {}\n", p.tid, p.comm, human_ns(p.elapsed_ns));
+            out += &format!("   IN PROGRESS: thread {} ({}) in one iteration for {}{}\n", p.tid, p.comm, human_ns(p.elapsed_ns), p.now_in());
         }
         print_line(&out);
     }

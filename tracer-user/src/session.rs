@@ -179,13 +179,13 @@ impl Session {
             // 8-byte alignment, so read it unaligned.
             events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<StallEvent>()) });
         }
-        let ongoing = self.watch_stalled(&events);
+        let noticed = self.watch_stalled(&events);
         // Read after the stalls: an iteration's stacks were submitted before its stall was.
         if let Some(collector) = self.stacks.as_mut() {
             collector.drain(clock_ns(libc::CLOCK_MONOTONIC));
         }
         let stalls: Vec<Stall> = events.iter().map(|ev| self.attribute(ev)).collect();
-        let mut events: Vec<Event> = ongoing.into_iter().map(Event::Ongoing).collect();
+        let mut events: Vec<Event> = self.ongoing_records(noticed).into_iter().map(Event::Ongoing).collect();
         events.extend(match self.net.as_mut() {
             None => stalls.into_iter().map(Event::Stall).collect(),
             Some(net) => net.advance(stalls, &self.app, self.target.pid, flush),
@@ -298,10 +298,11 @@ impl Session {
         Ok(views)
     }
 
-    /// Every `WATCH_EVERY`: the stalled iterations not announced yet, given the stall records
-    /// just read (`ended`); and, as no probe sees a syscall's exit, the stacks of loop threads
-    /// asleep in one, read from /proc (running ones are sampled in the kernel).
-    fn watch_stalled(&mut self, ended: &[StallEvent]) -> Vec<Ongoing> {
+    /// Every `WATCH_EVERY`: the stalled iterations not announced yet, as (tid, start,
+    /// elapsed), given the stall records just read (`ended`); and, as no probe sees a
+    /// syscall's exit, the stacks of loop threads asleep in one, read from /proc (running ones
+    /// are sampled in the kernel).
+    fn watch_stalled(&mut self, ended: &[StallEvent]) -> Vec<(u32, u64, u64)> {
         if Instant::now() < self.watch_due {
             return Vec::new();
         }
@@ -315,9 +316,14 @@ impl Session {
             }
         }
         let ended: Vec<(u32, u64)> = ended.iter().map(|e| (e.tid, e.start_ns)).collect();
+        self.ongoing.observe(&stalled, &ended)
+    }
+
+    /// The notices for newly seen stalls, each with the latest stack taken in it, once the
+    /// sampler's records have been read: where the thread is stuck, while it is.
+    fn ongoing_records(&self, noticed: Vec<(u32, u64, u64)>) -> Vec<Ongoing> {
         let (pid, comm) = (self.target.pid, &self.target.comm);
-        self.ongoing
-            .observe(&stalled, &ended)
+        noticed
             .into_iter()
             .map(|(tid, start_ns, elapsed_ns)| Ongoing {
                 kind: "stall_ongoing",
@@ -326,6 +332,7 @@ impl Session {
                 comm: ongoing::thread_comm(pid, tid, comm),
                 start_ns,
                 elapsed_ns,
+                stack: self.stacks.as_ref().and_then(|c| c.latest(tid, start_ns)).map(|w| w.frames.clone()).unwrap_or_default(),
             })
             .collect()
     }
@@ -356,7 +363,12 @@ impl Session {
         let comm_of = |tid: u32| self.app.threads.iter().find(|t| t.tid == tid).map(|t| t.comm.clone());
         stalled
             .iter()
-            .map(|&(tid, _, elapsed_ns)| InProgress { tid, comm: comm_of(tid).unwrap_or_default(), elapsed_ns })
+            .map(|&(tid, start, elapsed_ns)| InProgress {
+                tid,
+                comm: comm_of(tid).unwrap_or_default(),
+                elapsed_ns,
+                at: self.stacks.as_ref().and_then(|c| c.latest(tid, start)).and_then(|w| w.frames.last().cloned()).unwrap_or_default(),
+            })
             .collect()
     }
 }

@@ -102,6 +102,11 @@ impl StackCollector {
         self.by_iteration.entry((tid, iter_start_ns)).or_default().push(stack);
     }
 
+    /// The stack taken last in an iteration still going on.
+    pub fn latest(&self, tid: u32, iter_start_ns: u64) -> Option<&WeightedStack> {
+        self.by_iteration.get(&(tid, iter_start_ns))?.last()
+    }
+
     /// How one iteration's unexplained samples fell (all zero when the alloc group is off).
     pub fn take_split(&mut self, tid: u32, iter_start_ns: u64) -> AllocSplit {
         self.splits.remove(&(tid, iter_start_ns)).unwrap_or_default()

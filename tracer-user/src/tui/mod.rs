@@ -204,7 +204,7 @@ fn draw_in_progress(f: &mut Frame, area: Rect, app: &App) {
             if g.is_some_and(|g| g.closed_cycle) { " (wait cycle)" } else { "" }
         )
     } else if let Some(p) = app.in_progress.iter().max_by_key(|p| p.elapsed_ns) {
-        format!(" STALL IN PROGRESS: thread {} ({}) has been in one iteration for {}", p.tid, p.comm, human_ns(p.elapsed_ns))
+        format!(" STALL IN PROGRESS: thread {} ({}) has been in one iteration for {}{}", p.tid, p.comm, human_ns(p.elapsed_ns), p.now_in())
     } else {
         return;
     };
