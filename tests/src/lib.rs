@@ -287,7 +287,12 @@ impl Redis {
     }
 
     fn cmd_here(&self, args: &[&str]) -> Result<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        Self::cmd_on(self.port, args)
+    }
+
+    /// `cmd` to the Redis on `port` (of this namespace), from any thread.
+    pub fn cmd_on(port: u16, args: &[&str]) -> Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         s.write_all(&resp(args))?;
         let mut buf = [0u8; 4096];

@@ -82,3 +82,27 @@ fn an_idle_loops_epoll_timeouts_are_not_stalls() {
         assert!(summary["late_begins"].as_u64().is_some_and(|n| n <= 2), "{summary}");
     }
 }
+
+#[test]
+fn a_frozen_redis_is_announced_while_frozen_with_where_it_is_stuck() {
+    let redis = Redis::start(&[], &[]).unwrap();
+    let mut tracer = Tracer::start(redis.proc.pid(), &["-t", "50ms"]).unwrap();
+    let port = redis.port;
+    let freeze = thread::spawn(move || {
+        let r = Redis::cmd_on(port, &["DEBUG", "SLEEP", "1.5"]);
+        (r, std::time::Instant::now())
+    });
+    let notice = tracer.wait_for(|r| r["type"] == "stall_ongoing", Duration::from_secs(5)).unwrap();
+    let noticed_at = std::time::Instant::now();
+    let (reply, thawed_at) = freeze.join().unwrap();
+    reply.unwrap();
+    assert!(noticed_at < thawed_at, "announced only after Redis answered again: {notice}");
+    // No frame pointers in Debian's build: these frames come from .eh_frame unwinding.
+    let frames: Vec<&str> = notice["stack"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
+    assert!(frames.contains(&"debugCommand"), "{notice}");
+    thread::sleep(Duration::from_millis(700));
+    let records = tracer.stop().unwrap();
+    let found = stalls(&records);
+    assert_eq!(found.len(), 1, "{records:#?}");
+    assert_eq!(found[0]["start_ns"], notice["start_ns"], "{records:#?}");
+}
