@@ -155,14 +155,15 @@ impl Reporter {
         print_line(&line);
     }
 
+    /// "HH:MM:SS.mmm comm[pid/tid]" at an iteration's start: how stall lines begin.
+    fn iteration_prefix(&self, start_ns: u64, comm: &str, pid: u32, tid: u32) -> String {
+        format!("{} {comm}[{pid}/{tid}]", wall_clock((start_ns as i128 + self.wall_offset_ns) as u64))
+    }
+
     fn ongoing_line(&self, o: &Ongoing) -> String {
-        let wall = (o.start_ns as i128 + self.wall_offset_ns) as u64;
         let mut line = format!(
-            "{} {}[{}/{}] STALLING: one iteration running for {} so far (its record follows when it ends)",
-            wall_clock(wall),
-            o.comm,
-            o.pid,
-            o.tid,
+            "{} STALLING: one iteration running for {} so far (its record follows when it ends)",
+            self.iteration_prefix(o.start_ns, &o.comm, o.pid, o.tid),
             human_ns(o.elapsed_ns)
         );
         // Leaf first: where it is stuck, then who called it.
@@ -233,13 +234,9 @@ impl Reporter {
     }
 
     fn stall_line(&self, s: &Stall) -> String {
-        let wall = (s.start_ns as i128 + self.wall_offset_ns) as u64;
         let mut line = format!(
-            "{} {}[{}/{}] stall {} {} {:.0}% |",
-            wall_clock(wall),
-            s.comm,
-            s.pid,
-            s.tid,
+            "{} stall {} {} {:.0}% |",
+            self.iteration_prefix(s.start_ns, &s.comm, s.pid, s.tid),
             human_ns(s.duration_ns),
             s.verdict.as_str(),
             s.explained_pct

@@ -1,5 +1,6 @@
 //! One tracing session: the attached probes, the ring buffer of stall records, and the
-//! refreshes that copy the kernel's histograms and in-progress iterations into the `App`.
+//! refreshes that copy the kernel's histograms and in-progress iterations into the `App`
+//! (the histograms when a front end asks, the in-progress ones at every `drain`).
 use std::{
     cell::Cell,
     os::fd::AsRawFd as _,
@@ -250,10 +251,10 @@ impl Session {
         self.refresh()
     }
 
-    /// Copies the kernel's histograms, in-progress iterations and lost count into the App.
+    /// Copies the kernel's histograms and lost counts into the App (`drain` keeps its
+    /// in-progress iterations, every `WATCH_EVERY`).
     pub fn refresh(&mut self) -> Result<()> {
         self.app.threads = self.thread_views()?;
-        self.app.in_progress = self.in_progress()?;
         self.app.lost = self.probes.lost_stalls();
         self.app.lost_stacks = self.probes.lost_stacks();
         self.app.untracked_threads = self.probes.untracked_threads();
@@ -322,14 +323,14 @@ impl Session {
     /// The notices for newly seen stalls, each with the latest stack taken in it, once the
     /// sampler's records have been read: where the thread is stuck, while it is.
     fn ongoing_records(&self, noticed: Vec<(u32, u64, u64)>) -> Vec<Ongoing> {
-        let (pid, comm) = (self.target.pid, &self.target.comm);
+        let comm_of = |tid: u32| self.app.in_progress.iter().find(|p| p.tid == tid).map(|p| p.comm.clone());
         noticed
             .into_iter()
             .map(|(tid, start_ns, elapsed_ns)| Ongoing {
                 kind: "stall_ongoing",
-                pid,
+                pid: self.target.pid,
                 tid,
-                comm: ongoing::thread_comm(pid, tid, comm),
+                comm: comm_of(tid).unwrap_or_else(|| self.target.comm.clone()),
                 start_ns,
                 elapsed_ns,
                 stack: self.stacks.as_ref().and_then(|c| c.latest(tid, start_ns)).map(|w| w.frames.clone()).unwrap_or_default(),
@@ -354,18 +355,13 @@ impl Session {
     }
 
     /// Iterations running longer than the threshold right now: a stall shows while it lasts.
-    fn in_progress(&mut self) -> Result<Vec<InProgress>> {
-        let stalled = self.stalled_iterations()?;
-        Ok(self.in_progress_of(&stalled))
-    }
-
     fn in_progress_of(&self, stalled: &[(u32, u64, u64)]) -> Vec<InProgress> {
-        let comm_of = |tid: u32| self.app.threads.iter().find(|t| t.tid == tid).map(|t| t.comm.clone());
+        let (pid, comm) = (self.target.pid, &self.target.comm);
         stalled
             .iter()
             .map(|&(tid, start, elapsed_ns)| InProgress {
                 tid,
-                comm: comm_of(tid).unwrap_or_default(),
+                comm: ongoing::thread_comm(pid, tid, comm),
                 elapsed_ns,
                 at: self.stacks.as_ref().and_then(|c| c.latest(tid, start)).and_then(|w| w.frames.last().cloned()).unwrap_or_default(),
             })
