@@ -7,7 +7,20 @@
 //! the median of a few short spins. Not before a run: a vCPU that was idle runs up to 2-3x
 //! slower for its first tens of ms (the host gives its core back late), which says nothing
 //! of the minutes to come.
-use std::{cell::RefCell, hint::black_box};
+//!
+//! The spin misses one thing: where the host puts the two vCPUs. A cache line passes between
+//! them in ~35 ns when they share a last-level cache and ~170 ns when they do not (another
+//! CCX of this EPYC), and the host moves them for stretches of 5-30 s. Redis on one and
+//! redis-benchmark on the other trade every request's socket buffers, so the far placement
+//! costs Redis ~17% of its CPU a request: bimodal runs the spin calls equal. So the round
+//! trip between the bench's CPUs is timed too, before a run (which waits for a near
+//! placement) and after it.
+use std::{
+    cell::{Cell, RefCell},
+    hint::black_box,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 /// How long one spin takes on a quiet host, and spins per probe of a CPU: short enough to
 /// repeat around every run.
@@ -21,9 +34,18 @@ pub const LIMIT: f64 = 1.15;
 /// Spins per CPU when the session starts, so that the first runs meet a settled best.
 const WARMUP: usize = 5;
 
+/// A round trip this much slower than the session's fastest means the far placement: the two
+/// placements differ ~5x, and the near one varies by up to ~1.5x.
+pub const PLACEMENT_LIMIT: f64 = 2.0;
+/// Round trips per probe: a few ms near, tens far.
+const ROUND_TRIPS: u64 = 50_000;
+/// How long a run waits for a near placement before it starts anyway.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(30);
+
 pub struct HostSpeed {
     iterations: u64,
     best_ns: RefCell<Vec<f64>>,
+    best_trip_ns: Cell<f64>,
 }
 
 impl Default for HostSpeed {
@@ -31,9 +53,14 @@ impl Default for HostSpeed {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let probe = 1_000_000;
         let ns = spin_on(0, probe);
-        let host = Self { iterations: (probe as f64 * SPIN_NS / ns) as u64, best_ns: RefCell::new(vec![f64::MAX; cpus]) };
+        let host = Self {
+            iterations: (probe as f64 * SPIN_NS / ns) as u64,
+            best_ns: RefCell::new(vec![f64::MAX; cpus]),
+            best_trip_ns: Cell::new(f64::MAX),
+        };
         for _ in 0..WARMUP {
             host.slowdown();
+            host.placement();
         }
         host
     }
@@ -53,6 +80,58 @@ impl HostSpeed {
         }
         worst
     }
+}
+
+impl HostSpeed {
+    /// The round trip of a cache line between CPUs 0 and 1 now against its fastest this
+    /// session: 1.0 is the near placement (also with one CPU, where there is none).
+    pub fn placement(&self) -> f64 {
+        if self.best_ns.borrow().len() < 2 {
+            return 1.0;
+        }
+        let mut trips: Vec<f64> = (0..3).map(|_| round_trip_ns(ROUND_TRIPS)).collect();
+        trips.sort_by(f64::total_cmp);
+        let ns = trips[1];
+        self.best_trip_ns.set(self.best_trip_ns.get().min(ns));
+        ns / self.best_trip_ns.get()
+    }
+
+    /// Waits, up to `PLACEMENT_WAIT`, until the vCPUs are placed near each other.
+    pub fn await_placement(&self) {
+        let deadline = Instant::now() + PLACEMENT_WAIT;
+        while self.placement() > PLACEMENT_LIMIT && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Mean ns for a cache line to go from CPU 0 to CPU 1 and back, over `trips` trips.
+fn round_trip_ns(trips: u64) -> f64 {
+    let line = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            pin(1);
+            for i in 0..trips {
+                while line.load(Ordering::Acquire) != 2 * i + 1 {
+                    std::hint::spin_loop();
+                }
+                line.store(2 * i + 2, Ordering::Release);
+            }
+        });
+        s.spawn(|| {
+            pin(0);
+            let start = Instant::now();
+            for i in 0..trips {
+                line.store(2 * i + 1, Ordering::Release);
+                while line.load(Ordering::Acquire) != 2 * i + 2 {
+                    std::hint::spin_loop();
+                }
+            }
+            start.elapsed().as_nanos() as f64 / trips as f64
+        })
+        .join()
+        .expect("the round-trip thread does not panic")
+    })
 }
 
 /// CPU time of `iterations` steps of a dependent chain on `cpu`.

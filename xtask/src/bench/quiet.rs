@@ -37,15 +37,22 @@ pub struct Quiet<T> {
     pub value: T,
     pub foreign_pct: f64,
     pub host_slowdown: f64,
+    /// The CPUs' cache-line round trip right after it against the session's fastest.
+    pub placement: f64,
 }
 
 impl<T> Quiet<T> {
     fn disturbed(&self) -> bool {
-        self.foreign_pct > LIMIT_PCT || self.host_slowdown > host_speed::LIMIT
+        self.foreign_pct > LIMIT_PCT
+            || self.host_slowdown > host_speed::LIMIT
+            || self.placement > host_speed::PLACEMENT_LIMIT
     }
 
     fn why(&self) -> String {
-        format!("others used {:.1}% CPU, host {:.3}x its best", self.foreign_pct, self.host_slowdown)
+        format!(
+            "others used {:.1}% CPU, host {:.3}x its best, CPU 0-1 round trip {:.1}x its best",
+            self.foreign_pct, self.host_slowdown, self.placement
+        )
     }
 
     /// For raw lines.
@@ -58,10 +65,12 @@ impl<T> Quiet<T> {
 /// (and counted in `tally`). `what` names the run in the messages.
 pub fn run<T>(tally: &Tally, what: &str, mut f: impl FnMut() -> Result<T>) -> Result<Quiet<T>> {
     for attempt in 1.. {
+        tally.host.await_placement();
         let before = CpuClock::now()?;
         let value = f()?;
         let foreign_pct = before.foreign_pct()?;
-        let quiet = Quiet { value, foreign_pct, host_slowdown: tally.host.slowdown() };
+        let host_slowdown = tally.host.slowdown();
+        let quiet = Quiet { value, foreign_pct, host_slowdown, placement: tally.host.placement() };
         if !quiet.disturbed() {
             return Ok(quiet);
         }
