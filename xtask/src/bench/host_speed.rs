@@ -13,13 +13,14 @@
 //! CCX of this EPYC), and the host moves them for stretches of 5-30 s. Redis on one and
 //! redis-benchmark on the other trade every request's socket buffers, so the far placement
 //! costs Redis ~17% of its CPU a request: bimodal runs the spin calls equal. So the round
-//! trip between the bench's CPUs is timed too, before a run (which waits for a near
-//! placement) and after it.
+//! trip between the bench's CPUs is timed too, before and after every run, and a traced run
+//! is compared only with untraced neighbours placed as it was (`redis_cost`). The far
+//! placement can last for minutes, so waiting it out or repeating runs is no cure.
 use std::{
     cell::{Cell, RefCell},
     hint::black_box,
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 /// How long one spin takes on a quiet host, and spins per probe of a CPU: short enough to
@@ -39,8 +40,6 @@ const WARMUP: usize = 5;
 pub const PLACEMENT_LIMIT: f64 = 2.0;
 /// Round trips per probe: a few ms near, tens far.
 const ROUND_TRIPS: u64 = 50_000;
-/// How long a run waits for a near placement before it starts anyway.
-const PLACEMENT_WAIT: Duration = Duration::from_secs(30);
 
 pub struct HostSpeed {
     iterations: u64,
@@ -94,14 +93,6 @@ impl HostSpeed {
         let ns = trips[1];
         self.best_trip_ns.set(self.best_trip_ns.get().min(ns));
         ns / self.best_trip_ns.get()
-    }
-
-    /// Waits, up to `PLACEMENT_WAIT`, until the vCPUs are placed near each other.
-    pub fn await_placement(&self) {
-        let deadline = Instant::now() + PLACEMENT_WAIT;
-        while self.placement() > PLACEMENT_LIMIT && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(500));
-        }
     }
 }
 

@@ -245,9 +245,7 @@ fn header(ctx: &Ctx, command: &str, took: Duration, load_before: &str, neighbour
          - Disturbed runs: {repeated} repeated because other processes used more than {limit}% of a \
          CPU meanwhile, or a fixed spin on some CPU right after took more than {host_limit}x \
          the fastest of the session (the host under this VM busy elsewhere: it reports no steal \
-         time), or a cache line took more than {placement_limit}x the session's fastest round trip \
-         between CPUs 0 and 1 (the host placed the two vCPUs apart, on caches of their own; \
-         every run also waits up to 30 s for them to be placed together first); {kept} kept although still disturbed (marked DISTURBED in the appendix)\n\n\
+         time); {kept} kept although still disturbed (marked DISTURBED in the appendix)\n\n\
          A shared, noisy virtual machine: compare columns within a table (measured in the same \
          rounds, in rotated order), not with numbers from another machine or run.\n",
         date = first_line(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -263,7 +261,6 @@ fn header(ctx: &Ctx, command: &str, took: Duration, load_before: &str, neighbour
         repeated = ctx.tally.repeated.get(),
         limit = quiet::LIMIT_PCT,
         host_limit = host_speed::LIMIT,
-        placement_limit = host_speed::PLACEMENT_LIMIT,
         kept = ctx.tally.kept_disturbed.get(),
     ))
 }

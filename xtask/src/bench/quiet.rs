@@ -37,21 +37,27 @@ pub struct Quiet<T> {
     pub value: T,
     pub foreign_pct: f64,
     pub host_slowdown: f64,
-    /// The CPUs' cache-line round trip right after it against the session's fastest.
-    pub placement: f64,
+    /// The CPUs' cache-line round trip right before and right after it, against the
+    /// session's fastest (`HostSpeed::placement`).
+    pub placement: [f64; 2],
 }
 
 impl<T> Quiet<T> {
+    /// Whether the vCPUs were placed apart for the whole run (Some(true)), together (Some(false)),
+    /// or moved during it (None).
+    pub fn placed_apart(&self) -> Option<bool> {
+        let [before, after] = self.placement.map(|p| p > host_speed::PLACEMENT_LIMIT);
+        (before == after).then_some(before)
+    }
+
     fn disturbed(&self) -> bool {
-        self.foreign_pct > LIMIT_PCT
-            || self.host_slowdown > host_speed::LIMIT
-            || self.placement > host_speed::PLACEMENT_LIMIT
+        self.foreign_pct > LIMIT_PCT || self.host_slowdown > host_speed::LIMIT
     }
 
     fn why(&self) -> String {
         format!(
-            "others used {:.1}% CPU, host {:.3}x its best, CPU 0-1 round trip {:.1}x its best",
-            self.foreign_pct, self.host_slowdown, self.placement
+            "others used {:.1}% CPU, host {:.3}x its best, CPU 0-1 round trip {:.1}x/{:.1}x its best before/after",
+            self.foreign_pct, self.host_slowdown, self.placement[0], self.placement[1]
         )
     }
 
@@ -65,12 +71,12 @@ impl<T> Quiet<T> {
 /// (and counted in `tally`). `what` names the run in the messages.
 pub fn run<T>(tally: &Tally, what: &str, mut f: impl FnMut() -> Result<T>) -> Result<Quiet<T>> {
     for attempt in 1.. {
-        tally.host.await_placement();
+        let placed = tally.host.placement();
         let before = CpuClock::now()?;
         let value = f()?;
         let foreign_pct = before.foreign_pct()?;
         let host_slowdown = tally.host.slowdown();
-        let quiet = Quiet { value, foreign_pct, host_slowdown, placement: tally.host.placement() };
+        let quiet = Quiet { value, foreign_pct, host_slowdown, placement: [placed, tally.host.placement()] };
         if !quiet.disturbed() {
             return Ok(quiet);
         }

@@ -44,6 +44,10 @@ struct Results {
     cpu_ratios: Samples,
     load: LoadFootprint,
     raw: Vec<String>,
+    /// Traced runs, and those left unpaired: no untraced neighbour had the vCPUs placed as
+    /// they were for it (`Quiet::placed_apart`).
+    traced_runs: usize,
+    unpaired: usize,
     /// Per stalltrace variant, summed over its sessions: stall records, stall records lost,
     /// stack records, stack records lost.
     records: BTreeMap<String, [u64; 4]>,
@@ -61,7 +65,6 @@ pub fn measure(ctx: &Ctx, redis: &Redis, ns: &[u64]) -> Result<(Section, LoadFoo
                 let traced = results.run(ctx, redis, round, v, wi, n)?;
                 let after = results.run(ctx, redis, round, Variant::Untraced, wi, n)?;
                 results.pair(wi, v, &traced, &before, &after);
-                results.pair_cpu(wi, v, &traced, &before, &after);
                 before = after;
             }
         }
@@ -118,6 +121,7 @@ impl Results {
 
     fn record(&mut self, round: usize, v: Variant, wi: usize, n: u64, quiet: Quiet<Measured>) -> Run {
         let note = quiet.note();
+        let apart = quiet.placed_apart();
         let Measured { run, redis_ns, foot } = quiet.value;
         let w = &WORKLOADS[wi];
         let rps = run.rps.iter().map(|(t, r)| format!("{t} {r:.0}")).collect::<Vec<_>>().join(", ");
@@ -136,18 +140,27 @@ impl Results {
         for (ti, (test, rps)) in run.rps.iter().enumerate() {
             self.samples.entry(row_key(wi, ti, test)).or_default().entry(v.label()).or_default().push(*rps);
         }
-        Run { rps: run.rps, redis_ns }
+        Run { rps: run.rps, redis_ns, apart }
     }
 
+    /// Adds the traced run's ratios to the untraced neighbours placed as it was: the vCPUs
+    /// placed apart or together change Redis' speed by ~17%, more than any tracer here.
     fn pair(&mut self, wi: usize, v: Variant, traced: &Run, before: &Run, after: &Run) {
-        for (ti, (((test, rps), (_, b)), (_, a))) in traced.rps.iter().zip(&before.rps).zip(&after.rps).enumerate() {
-            let ratio = rps / ((b + a) / 2.0);
+        self.traced_runs += 1;
+        let neighbours: Vec<&Run> = match traced.apart {
+            Some(apart) => [before, after].into_iter().filter(|n| n.apart == Some(apart)).collect(),
+            None => Vec::new(),
+        };
+        if neighbours.is_empty() {
+            self.unpaired += 1;
+            return;
+        }
+        let mean = |f: &dyn Fn(&Run) -> f64| neighbours.iter().map(|n| f(n)).sum::<f64>() / neighbours.len() as f64;
+        for (ti, (test, rps)) in traced.rps.iter().enumerate() {
+            let ratio = rps / mean(&|n| n.rps[ti].1);
             self.ratios.entry(row_key(wi, ti, test)).or_default().entry(v.label()).or_default().push(ratio);
         }
-    }
-
-    fn pair_cpu(&mut self, wi: usize, v: Variant, traced: &Run, before: &Run, after: &Run) {
-        let ratio = traced.redis_ns / ((before.redis_ns + after.redis_ns) / 2.0);
+        let ratio = traced.redis_ns / mean(&|n| n.redis_ns);
         self.cpu_ratios.entry(cpu_key(wi)).or_default().entry(v.label()).or_default().push(ratio);
     }
 }
@@ -164,6 +177,8 @@ struct Measured {
 struct Run {
     rps: Vec<(String, f64)>,
     redis_ns: f64,
+    /// `Quiet::placed_apart`.
+    apart: Option<bool>,
 }
 
 fn cpu_key(wi: usize) -> (u32, usize, String) {
@@ -229,7 +244,14 @@ fn section(ctx: &Ctx, ns: &[u64], results: &Results) -> Section {
              after. This VM's speed drifts within seconds (consecutive tests of one invocation \
              correlate at about 0.6), so a traced run is compared with its neighbours: its ratio \
              is its rps over the mean rps of the untraced runs just before and just after it, \
-             and the ratio cell is the median of those over the rounds. The rps cells are \
+             and the ratio cell is the median of those over the rounds. The host also places the \
+             two vCPUs on one cache or apart, for seconds to minutes, and Redis and its client \
+             trade every request's socket buffers between them: apart, a cache line's round trip \
+             between CPUs 0 and 1 takes ~5x longer and Redis ~17% more CPU a request. So that \
+             round trip is timed before and after every run (appendix: its ratio to the \
+             session's fastest; over {placement}x is apart) and a traced run is compared only \
+             with the neighbours placed as it was: {unpaired} of {traced_runs} traced runs had \
+             none (or were moved during the run) and are left out of the ratios. The rps cells are \
              medians over the rounds (untraced: over all its runs). The bpftrace variant runs the script below: madvise and epoll_wait \
              durations, the realloc uprobe pair and off-CPU time, like parts of stalltrace's purge, \
              loop, alloc and sched groups. stalltrace's loop, purge and net groups put uprobes on \
@@ -257,7 +279,10 @@ fn section(ctx: &Ctx, ns: &[u64], results: &Results) -> Section {
             redis::CLIENT_CPU,
             ctx.redis_secs,
             ctx.redis_rounds,
-            tracers::bpftrace_script("PID", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+            tracers::bpftrace_script("PID", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+            placement = super::host_speed::PLACEMENT_LIMIT,
+            unpaired = results.unpaired,
+            traced_runs = results.traced_runs,
         ),
         commands,
         tables: vec![table],
