@@ -16,6 +16,8 @@
 //! trip between the bench's CPUs is timed too, before and after every run, and a traced run
 //! is compared only with untraced neighbours placed as it was (`redis_cost`). The far
 //! placement can last for minutes, so waiting it out or repeating runs is no cure.
+//! Unlike the spin, the round trip is fine to time before a run: the bench keeps idle vCPUs
+//! polling (`idle`), and a first slow trip is outvoted by the median of three probes.
 use std::{
     cell::{Cell, RefCell},
     hint::black_box,
@@ -79,9 +81,7 @@ impl HostSpeed {
         }
         worst
     }
-}
 
-impl HostSpeed {
     /// The round trip of a cache line between CPUs 0 and 1 now against its fastest this
     /// session: 1.0 is the near placement (also with one CPU, where there is none).
     pub fn placement(&self) -> f64 {
