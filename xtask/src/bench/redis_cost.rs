@@ -70,9 +70,51 @@ pub fn measure(ctx: &Ctx, redis: &Redis, ns: &[u64]) -> Result<(Section, LoadFoo
         }
     }
     let mut section = section(ctx, ns, &results);
+    section.tables.push(targets_table(&results.ratios));
     section.tables.push(cpu_table(&results));
     section.tables.push(records_table(&results.records));
     Ok((section, results.load))
+}
+
+/// The issue's throughput targets, row by row: the default probes keep at least 98%, and with
+/// every group on the loss is at most a third of bpftrace's. Verdicts go by the medians; the
+/// intervals beside them say whether the noise could turn a verdict.
+fn targets_table(ratios: &Samples) -> Table {
+    let [default, all, bpftrace] = [1, 4, 6].map(|i| VARIANTS[i].label());
+    let mut table = Table::new(&[
+        "test",
+        &format!("{default}: ratio (90% interval)"),
+        "≥ 0.98×",
+        &format!("{all}: loss (90% interval)"),
+        &format!("{bpftrace}: loss (90% interval)"),
+        "loss ≤ ⅓ of bpftrace's",
+    ]);
+    let verdict = |met: bool| if met { "met" } else { "missed" }.to_string();
+    for (key, by_variant) in ratios {
+        let of = |l: &String| by_variant.get(l).map_or(&[][..], Vec::as_slice);
+        let (d, all_loss, bt_loss) = (report::median(of(&default)), 1.0 - report::median(of(&all)), 1.0 - report::median(of(&bpftrace)));
+        table.row(vec![
+            key.2.clone(),
+            ratio_with_interval(of(&default)),
+            verdict(d >= 0.98),
+            loss_with_interval(of(&all)),
+            loss_with_interval(of(&bpftrace)),
+            verdict(all_loss <= bt_loss.max(0.0) / 3.0),
+        ]);
+    }
+    table
+}
+
+fn ratio_with_interval(xs: &[f64]) -> String {
+    let (lo, hi) = report::median_interval(xs);
+    format!("{} ({}–{})", report::ratio(report::median(xs), 1.0), report::num(lo, 3), report::num(hi, 3))
+}
+
+/// 1 minus the ratio, in percent: the interval's ends swap.
+fn loss_with_interval(xs: &[f64]) -> String {
+    let (lo, hi) = report::median_interval(xs);
+    let pct = |r: f64| report::num(100.0 * (1.0 - r), 1);
+    format!("{}% ({}–{}%)", pct(report::median(xs)), pct(hi), pct(lo))
 }
 
 /// Whether stalltrace kept up with the load: records sent and lost, from its summaries.
@@ -264,11 +306,17 @@ fn section(ctx: &Ctx, ns: &[u64], results: &Results) -> Section {
              iterations. `--alloc-calls` puts the same realloc uprobe pair as bpftrace's on \
              instead, for exact per-call allocator latency: the column beside bpftrace's shows \
              what that costs. \
-             The second table is Redis' own CPU time per request (its threads' schedstat over \
+             The second table holds the throughput ratios up against the targets of issue 7: \
+             with the default probes Redis keeps at least 98%, and with every group on its loss \
+             is at most a third of bpftrace's. A verdict goes by the medians; beside each median \
+             is a distribution-free interval that holds the true median with at least 90% \
+             probability (the k-th smallest to the k-th largest of the rounds' ratios), so a \
+             verdict whose threshold falls inside the interval could turn in another run. \
+             The third table is Redis' own CPU time per request (its threads' schedstat over \
              the invocation, over its requests), paired with the neighbours the same way (ratio \
              above 1: the server pays more): at -P 1 redis-benchmark saturates its CPU while Redis \
              idles a fifth of the time, so throughput there shows little of what a tracer costs \
-             the server, and this table shows it. The third table sums the stalltrace variants' \
+             the server, and this table shows it. The fourth table sums the stalltrace variants' \
              summaries over their sessions: stall \
              and stack records sent, and lost for want of ring-buffer space. That the default \
              groups still name an allocator purge `allocator_purge` on this redis-server is the \
@@ -287,5 +335,29 @@ fn section(ctx: &Ctx, ns: &[u64], results: &Results) -> Section {
         commands,
         tables: vec![table],
         raw: results.raw.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_go_by_the_medians() {
+        let [default, all, bpftrace] = [1, 4, 6].map(|i| VARIANTS[i].label());
+        let mut ratios = Samples::new();
+        let row = ratios.entry((16, 0, "SET -P 16".into())).or_default();
+        row.insert(default, vec![0.97, 0.99, 0.985, 0.99, 1.0]);
+        row.insert(all, vec![0.99, 0.995, 0.996, 0.99, 1.0]);
+        row.insert(bpftrace, vec![0.97, 0.98, 0.985, 0.98, 0.99]);
+        let table = targets_table(&ratios);
+        assert_eq!(table.rows[0][1], "0.990× (0.970–1.000)");
+        assert_eq!(table.rows[0][2], "met");
+        // Every group loses 0.5% (median 0.995), a third of bpftrace's 2% is 0.67%.
+        assert_eq!(table.rows[0][3], "0.5% (0.0–1.0%)");
+        assert_eq!(table.rows[0][5], "met");
+        let row = ratios.get_mut(&(16, 0, "SET -P 16".into())).unwrap();
+        row.insert(VARIANTS[4].label(), vec![0.99; 5]);
+        assert_eq!(targets_table(&ratios).rows[0][5], "missed");
     }
 }

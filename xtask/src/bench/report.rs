@@ -75,6 +75,29 @@ pub fn median(xs: &[f64]) -> f64 {
     if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
 }
 
+/// A distribution-free interval for the median of what `xs` sample: between the k-th smallest
+/// and the k-th largest, with k the largest for which the interval holds the median with at
+/// least 90% probability (n = 5: the extremes; n = 9: the 2nd of either end). NaNs where
+/// there are too few samples for 90%.
+pub fn median_interval(xs: &[f64]) -> (f64, f64) {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    // P(fewer than k samples fall below the median) = P(Binomial(n, 1/2) <= k - 1).
+    let mut tail = 0.0;
+    let mut binom = 1.0;
+    let mut k = 0;
+    for i in 0..n / 2 {
+        tail += binom / 2f64.powi(n as i32);
+        if 2.0 * tail > 0.10 {
+            break;
+        }
+        k = i + 1;
+        binom = binom * (n - i) as f64 / (i + 1) as f64;
+    }
+    if k == 0 { (f64::NAN, f64::NAN) } else { (v[k - 1], v[n - k]) }
+}
+
 pub fn max(xs: &[f64]) -> f64 {
     xs.iter().copied().fold(f64::NAN, f64::max)
 }
@@ -134,5 +157,9 @@ mod tests {
         assert_eq!(int(-1500.0), "-1,500");
         assert_eq!(rotated(&[1, 2, 3], 1), vec![2, 3, 1]);
         assert_eq!(dur_ns(1500.0), "1.5 µs");
+        let xs: Vec<f64> = (1..=9).map(f64::from).collect();
+        assert_eq!(median_interval(&xs[..5]), (1.0, 5.0));
+        assert_eq!(median_interval(&xs), (2.0, 8.0));
+        assert!(median_interval(&xs[..4]).0.is_nan());
     }
 }
