@@ -94,18 +94,17 @@ fn targets_table(ratios: &Samples) -> Table {
         "loss ≤ ⅓ of bpftrace's",
     ]);
     for (key, by_variant) in ratios {
-        let of = |l: &String| by_variant.get(l).map_or(&[][..], Vec::as_slice);
-        let ratios = |l: &String| Spread::of(of(l));
-        let (default_r, all_r, bpftrace_r) = (ratios(&default), ratios(&all), ratios(&bpftrace));
+        let spread = |l: &String| Spread::of(by_variant.get(l).map_or(&[][..], Vec::as_slice));
+        let (default_r, all_r, bpftrace_r) = (spread(&default), spread(&all), spread(&bpftrace));
         // A loss is 1 - ratio, so a ratio's low end is the loss's high end. Where bpftrace may
         // have lost nothing, a third of its loss may be nothing too.
         let third = |ratio: f64| (1.0 - ratio).max(0.0) / 3.0;
         table.row(vec![
             key.2.clone(),
-            ratio_with_interval(of(&default)),
+            default_r.as_ratio(),
             verdict(default_r.lo >= 0.98, default_r.hi < 0.98, default_r.median >= 0.98),
-            loss_with_interval(of(&all)),
-            loss_with_interval(of(&bpftrace)),
+            all_r.as_loss(),
+            bpftrace_r.as_loss(),
             verdict(
                 1.0 - all_r.lo <= third(bpftrace_r.hi),
                 1.0 - all_r.hi > third(bpftrace_r.lo),
@@ -129,6 +128,16 @@ impl Spread {
         let (lo, hi) = report::median_interval(xs);
         Self { median: report::median(xs), lo, hi }
     }
+
+    fn as_ratio(&self) -> String {
+        format!("{} ({}–{})", report::ratio(self.median, 1.0), report::num(self.lo, 3), report::num(self.hi, 3))
+    }
+
+    /// 1 minus the ratio, in percent: the interval's ends swap.
+    fn as_loss(&self) -> String {
+        let pct = |r: f64| report::num(100.0 * (1.0 - r), 1);
+        format!("{}% ({}–{}%)", pct(self.median), pct(self.hi), pct(self.lo))
+    }
 }
 
 /// `met` and `missed`: what the whole interval says, if it says one; `leaning`: the medians.
@@ -138,18 +147,6 @@ fn verdict(met: bool, missed: bool, leaning: bool) -> String {
         (_, true) => "missed".into(),
         _ => format!("unresolved (median: {})", if leaning { "met" } else { "missed" }),
     }
-}
-
-fn ratio_with_interval(xs: &[f64]) -> String {
-    let (lo, hi) = report::median_interval(xs);
-    format!("{} ({}–{})", report::ratio(report::median(xs), 1.0), report::num(lo, 3), report::num(hi, 3))
-}
-
-/// 1 minus the ratio, in percent: the interval's ends swap.
-fn loss_with_interval(xs: &[f64]) -> String {
-    let (lo, hi) = report::median_interval(xs);
-    let pct = |r: f64| report::num(100.0 * (1.0 - r), 1);
-    format!("{}% ({}–{}%)", pct(report::median(xs)), pct(hi), pct(lo))
 }
 
 /// Whether stalltrace kept up with the load: records sent and lost, from its summaries.
