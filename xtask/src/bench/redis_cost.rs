@@ -377,7 +377,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_go_by_the_medians() {
+    fn targets_go_by_the_intervals() {
         let [default, all, bpftrace] = TARGET_VARIANTS.map(|v| v.label());
         let mut ratios = Samples::new();
         let row = ratios.entry((16, 0, "SET -P 16".into())).or_default();
