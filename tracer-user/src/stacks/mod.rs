@@ -3,5 +3,6 @@
 pub mod allocator;
 pub mod collect;
 pub mod parked;
+pub mod perfmap;
 pub mod symbolize;
 pub mod unwind;

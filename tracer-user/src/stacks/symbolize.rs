@@ -12,7 +12,10 @@ use blazesym::symbolize::{
     source::{Elf, Kernel, Source},
 };
 
-use super::unwind::{Mapping, read_maps};
+use super::{
+    perfmap::PerfMap,
+    unwind::{Mapping, read_maps},
+};
 
 /// Names for user and kernel addresses. Holds one blazesym `Symbolizer` (which caches every
 /// file it parsed) and the last maps snapshot of every process it was asked about; keep one
@@ -20,6 +23,8 @@ use super::unwind::{Mapping, read_maps};
 pub struct Symbols {
     symbolizer: Symbolizer,
     processes: HashMap<u32, Vec<Region>>,
+    /// JIT code names, for addresses outside every file.
+    perf_maps: HashMap<u32, PerfMap>,
 }
 
 /// A mapping of a snapshot, with the path that opens its file from here.
@@ -46,7 +51,7 @@ impl Symbols {
             .enable_code_info(false)
             .enable_inlined_fns(false)
             .build();
-        Self { symbolizer, processes: HashMap::new() }
+        Self { symbolizer, processes: HashMap::new(), perf_maps: HashMap::new() }
     }
 
     /// Takes (or refreshes) the snapshot of `pid`'s maps now and opens its executable files.
@@ -67,9 +72,11 @@ impl Symbols {
             let _ = self.symbolizer.cache(&cache::Elf::new(path.clone()).into());
         }
         self.processes.insert(pid, regions);
+        self.perf_maps.entry(pid).or_insert_with(|| PerfMap::new(pid)).refresh();
     }
 
-    /// One name per address: "function" when known, else "module_basename+0xfileoffset"
+    /// One name per address: "function" when known (from its ELF file, or the perf map for JIT
+    /// code), else "module_basename+0xfileoffset"
     /// ("[vdso]+0x..." for special mappings, "0x..." for an address in no mapping).
     pub fn user(&mut self, pid: u32, addrs: &[u64]) -> Vec<String> {
         if self.needs_snapshot(pid, addrs) {
@@ -78,12 +85,29 @@ impl Symbols {
         let regions = self.processes.get(&pid).map(Vec::as_slice).unwrap_or_default();
         let places: Vec<Place> = addrs.iter().map(|&addr| place(regions, addr)).collect();
         let mut names = self.function_names(&places);
+        self.jit_names(pid, addrs, &places, &mut names);
         for ((name, place), addr) in names.iter_mut().zip(&places).zip(addrs) {
             if name.is_none() {
                 *name = Some(fallback_name(place, *addr));
             }
         }
         names.into_iter().flatten().collect()
+    }
+
+    /// Names from the target's perf map for addresses in no file: code a JIT generated.
+    fn jit_names(&mut self, pid: u32, addrs: &[u64], places: &[Place], names: &mut [Option<String>]) {
+        let outside_files = |p: &Place| !matches!(p, Place::File { .. });
+        if !places.iter().any(outside_files) {
+            return;
+        }
+        let map = self.perf_maps.entry(pid).or_insert_with(|| PerfMap::new(pid));
+        // Code compiled since the last look is appended to the file.
+        map.refresh();
+        for ((name, place), &addr) in names.iter_mut().zip(places).zip(addrs) {
+            if name.is_none() && outside_files(place) {
+                *name = map.name(addr).map(str::to_string);
+            }
+        }
     }
 
     /// The basename of the file each user address is in, from the snapshot `user` used.
