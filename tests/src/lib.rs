@@ -15,6 +15,9 @@ use serde_json::Value;
 
 pub const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
 
+/// The name the `jitloop` workload's perf map gives the code it generates, in V8's style.
+pub const JIT_NAME: &str = "LazyCompile:*jittedSpin generated.js:1";
+
 pub fn stalltrace_bin() -> PathBuf {
     std::env::var_os("STALLTRACE_BIN").map(PathBuf::from).unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/stalltrace")

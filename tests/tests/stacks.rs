@@ -1,12 +1,12 @@
 //! Stacks from binaries without frame pointers, and the flame graphs made of them.
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     process::{Command, Stdio},
     thread,
     time::Duration,
 };
 
-use tests::{LineClient, Proc, Tracer, assert_stack_order, stalls, stalltrace_bin};
+use tests::{JIT_NAME, LineClient, Proc, Tracer, assert_stack_order, stalls, stalltrace_bin};
 
 /// Our C epoll server built with -O2 -fomit-frame-pointer: FILL touches memory, PURGE runs
 /// chain_a -> chain_b -> chain_c -> chain_d -> chain_e -> madvise.
@@ -59,4 +59,32 @@ fn a_purge_in_a_five_function_chain_without_frame_pointers_has_all_five_in_order
     assert!(status.success());
     assert!(std::fs::read_to_string(&offline).unwrap().contains("chain_e"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Code a JIT generated sits in anonymous memory that no ELF file describes: its frames are
+/// named from the perf map the runtime writes (as V8 and HotSpot do), and the unwinding goes
+/// on past them into the code that called it.
+#[test]
+fn jit_code_is_named_from_the_targets_perf_map() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jitloop"))
+        .args(["120", "1.0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("jitloop");
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut ready).expect("ready line");
+    let mut jit = Proc { child };
+    let map = format!("/tmp/perf-{}.map", jit.pid());
+    let tracer = Tracer::start(jit.pid(), &[]).unwrap();
+    writeln!(jit.child.stdin.as_mut().unwrap(), "go").unwrap();
+    // It loops 1 s, then exits (removing its map), which ends the session.
+    thread::sleep(Duration::from_millis(1800));
+    let records = tracer.stop().unwrap();
+    let _ = std::fs::remove_file(&map);
+    let spins: Vec<_> = stalls(&records).into_iter().filter(|s| s["verdict"] == "app_code").collect();
+    assert!(!spins.is_empty(), "{records:#?}");
+    let named = spins.iter().find(|s| tests::stack(s).iter().any(|f| f == JIT_NAME));
+    let stall = named.unwrap_or_else(|| panic!("no stack names {JIT_NAME:?}: {spins:#?}"));
+    assert_stack_order(stall, &["jitloop::main", JIT_NAME]);
 }
