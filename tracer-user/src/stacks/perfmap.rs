@@ -16,6 +16,11 @@ use std::{
     path::PathBuf,
 };
 
+/// Node appends to its map for as long as it runs (hundreds of MB over weeks); past this much a
+/// long-running daemon stops reading, keeping ~20 MB of names a target. A server's hot code is
+/// compiled early, so the names that matter are read first.
+const MAX_BYTES: u64 = 16 << 20;
+
 /// One process's perf map, as far as it has been read.
 pub struct PerfMap {
     path: PathBuf,
@@ -45,11 +50,11 @@ impl PerfMap {
             self.read = 0;
             self.code.clear();
         }
-        if len == self.read || file.seek(SeekFrom::Start(self.read)).is_err() {
+        if len == self.read || self.read >= MAX_BYTES || file.seek(SeekFrom::Start(self.read)).is_err() {
             return;
         }
         let mut tail = Vec::new();
-        if file.read_to_end(&mut tail).is_err() {
+        if file.take(MAX_BYTES - self.read).read_to_end(&mut tail).is_err() {
             return;
         }
         // A line the runtime is still writing is left for the next read.
