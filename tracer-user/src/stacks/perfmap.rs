@@ -9,10 +9,15 @@
 //! Runtimes append as they compile, so the file is read on from where the last read stopped;
 //! a later line for the same start wins (code moved or recompiled). The path is resolved
 //! through /proc/PID/root with the PID the target sees, so a target in a container is found.
+//!
+//! The file is the target's to write and we read it as root, so, as perf does, only a regular
+//! file owned by the target's user (or root) is read, never through a symlink, and a FIFO
+//! put there cannot block us.
 use std::{
     collections::BTreeMap,
-    fs::File,
+    fs::{File, OpenOptions},
     io::{Read as _, Seek as _, SeekFrom},
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::PathBuf,
 };
 
@@ -24,6 +29,8 @@ const MAX_BYTES: u64 = 16 << 20;
 /// One process's perf map, as far as it has been read.
 pub struct PerfMap {
     path: PathBuf,
+    /// The target's uid: the file must be its (or root's).
+    owner: Option<u32>,
     /// Bytes consumed: up to the end of the last complete line.
     read: u64,
     /// Code start -> (end, name).
@@ -34,18 +41,30 @@ impl PerfMap {
     pub fn new(pid: u32) -> Self {
         let ns_pid = ns_pid(pid).unwrap_or(pid);
         let path = PathBuf::from(format!("/proc/{pid}/root/tmp/perf-{ns_pid}.map"));
-        Self::at(path)
+        let owner = std::fs::metadata(format!("/proc/{pid}")).map(|m| m.uid()).ok();
+        Self { path, owner, read: 0, code: BTreeMap::new() }
     }
 
+    #[cfg(test)]
     fn at(path: PathBuf) -> Self {
-        Self { path, read: 0, code: BTreeMap::new() }
+        Self { path, owner: None, read: 0, code: BTreeMap::new() }
+    }
+
+    fn open(&self) -> Option<(File, u64)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&self.path)
+            .ok()?;
+        let meta = file.metadata().ok()?;
+        let owned = self.owner.is_none_or(|uid| meta.uid() == uid || meta.uid() == 0);
+        (meta.is_file() && owned).then_some((file, meta.len()))
     }
 
     /// Reads what was appended since the last call; starts over if the file was rewritten
     /// shorter. A missing file (no JIT, or the target is gone) keeps what was read before.
     pub fn refresh(&mut self) {
-        let Ok(mut file) = File::open(&self.path) else { return };
-        let Ok(len) = file.metadata().map(|m| m.len()) else { return };
+        let Some((mut file, len)) = self.open() else { return };
         if len < self.read {
             self.read = 0;
             self.code.clear();
@@ -128,5 +147,27 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         map.refresh();
         assert_eq!(map.name(0x2005), Some("second"), "a vanished file keeps what was read");
+    }
+
+    /// The target writes the file and we read it as root.
+    #[test]
+    fn a_fifo_or_a_symlink_in_its_place_is_not_read() {
+        let dir = std::env::temp_dir().join(format!("stalltrace-perfmap-refused-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (fifo, real, link) = (dir.join("fifo.map"), dir.join("real.map"), dir.join("link.map"));
+        let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+        let mut map = PerfMap::at(fifo);
+        map.refresh(); // returns at once instead of waiting for a writer
+        assert_eq!(map.name(0x1000), None);
+        std::fs::write(&real, "1000 10 real\n").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let mut map = PerfMap::at(link);
+        map.refresh();
+        assert_eq!(map.name(0x1000), None);
+        let mut map = PerfMap::at(real);
+        map.refresh();
+        assert_eq!(map.name(0x1000), Some("real"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
