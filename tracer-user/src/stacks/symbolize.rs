@@ -7,9 +7,12 @@
 //! snapshot is taken, so names still come out afterwards.
 use std::{collections::HashMap, path::PathBuf};
 
-use blazesym::symbolize::{
-    Input, Symbolized, Symbolizer, cache,
-    source::{Elf, Kernel, Source},
+use blazesym::{
+    Pid,
+    symbolize::{
+        Input, Symbolized, Symbolizer, cache,
+        source::{Elf, Kernel, Process, Source},
+    },
 };
 
 use super::{
@@ -25,6 +28,9 @@ pub struct Symbols {
     processes: HashMap<u32, Vec<Region>>,
     /// JIT code names, for addresses outside every file.
     perf_maps: HashMap<u32, PerfMap>,
+    /// Where our own vDSO starts: the kernel maps the same one into every (64-bit) process,
+    /// so a target's vDSO address is named by ours at the same offset.
+    own_vdso: Option<u64>,
 }
 
 /// A mapping of a snapshot, with the path that opens its file from here.
@@ -51,7 +57,8 @@ impl Symbols {
             .enable_code_info(false)
             .enable_inlined_fns(false)
             .build();
-        Self { symbolizer, processes: HashMap::new(), perf_maps: HashMap::new() }
+        let own_vdso = read_maps(std::process::id()).ok().and_then(|maps| maps.iter().find(|m| m.name == VDSO).map(|m| m.start));
+        Self { symbolizer, processes: HashMap::new(), perf_maps: HashMap::new(), own_vdso }
     }
 
     /// Takes (or refreshes) the snapshot of `pid`'s maps now and opens its executable files.
@@ -86,6 +93,7 @@ impl Symbols {
         let places: Vec<Place> = addrs.iter().map(|&addr| place(regions, addr)).collect();
         let mut names = self.function_names(&places);
         self.jit_names(pid, addrs, &places, &mut names);
+        self.vdso_names(&places, &mut names);
         for ((name, place), addr) in names.iter_mut().zip(&places).zip(addrs) {
             if name.is_none() {
                 *name = Some(fallback_name(place, *addr));
@@ -107,6 +115,26 @@ impl Symbols {
             if name.is_none() && outside_files(place) {
                 *name = map.name(addr).map(str::to_string);
             }
+        }
+    }
+
+    /// Names for addresses in the vDSO (`clock_gettime` and friends, under every timestamp).
+    fn vdso_names(&self, places: &[Place], names: &mut [Option<String>]) {
+        let Some(own) = self.own_vdso else { return };
+        let (indices, addrs): (Vec<usize>, Vec<u64>) = (places.iter().enumerate())
+            .filter_map(|(i, p)| match p {
+                Place::Other { name, offset } if name == VDSO => Some((i, own + offset)),
+                _ => None,
+            })
+            .unzip();
+        if indices.is_empty() {
+            return;
+        }
+        let mut ours = Process::new(Pid::Slf);
+        (ours.debug_syms, ours.perf_map, ours.map_files, ours.vdso) = (false, false, false, true);
+        let Ok(found) = self.symbolizer.symbolize(&Source::Process(ours), Input::AbsAddr(&addrs)) else { return };
+        for (&i, symbolized) in indices.iter().zip(&found) {
+            names[i] = names[i].take().or_else(|| sym_name(symbolized));
         }
     }
 
@@ -191,6 +219,8 @@ fn file_offset(place: &Place) -> u64 {
 /// tracer's), not the target's code, and the reader should be told so.
 const UPROBES_MAPPING: &str = "[uprobes]";
 
+const VDSO: &str = "[vdso]";
+
 fn fallback_name(place: &Place, addr: u64) -> String {
     match place {
         Place::File { basename, offset, .. } => format!("{basename}+{offset:#x}"),
@@ -221,6 +251,16 @@ mod tests {
         let names = Symbols::new().user(std::process::id(), &[addr, 0x10]);
         assert!(names[0].ends_with("names_a_function_of_this_process"), "{names:?}");
         assert_eq!(names[1], "0x10");
+    }
+
+    /// Every timestamp a server takes goes through the vDSO.
+    #[test]
+    fn names_the_vdsos_functions() {
+        let pid = std::process::id();
+        let vdso = read_maps(pid).unwrap().into_iter().find(|m| m.name == VDSO).expect("a vDSO");
+        let addrs: Vec<u64> = (vdso.start..vdso.end).step_by(16).collect();
+        let names = Symbols::new().user(pid, &addrs);
+        assert!(names.iter().any(|n| n.ends_with("clock_gettime")), "{names:?}");
     }
 
     #[test]
