@@ -29,6 +29,9 @@ pub struct ThreadView {
 pub struct InProgress {
     pub tid: u32,
     pub comm: String,
+    /// When its iteration began (CLOCK_MONOTONIC).
+    pub start_ns: u64,
+    /// How long it had lasted when last looked at.
     pub elapsed_ns: u64,
     /// The innermost frame of the latest stack taken in it ("" before the first).
     pub at: String,

@@ -361,6 +361,7 @@ impl Session {
             .iter()
             .map(|&(tid, start, elapsed_ns)| InProgress {
                 tid,
+                start_ns: start,
                 comm: ongoing::thread_comm(pid, tid, comm),
                 elapsed_ns,
                 at: self.stacks.as_ref().and_then(|c| c.latest(tid, start)).and_then(|w| w.frames.last().cloned()).unwrap_or_default(),
@@ -433,7 +434,29 @@ fn known_stalls(app: &App, now: &[Event], pending: &[Stall]) -> Vec<(u64, u64, u
         Event::Storm(_) | Event::Starvation(_) | Event::Ongoing(_) => None,
     }));
     let mut out: Vec<_> = reported.map(|s| (s.start_ns, s.start_ns + s.duration_ns, s.tid)).collect();
+    // From the iteration's start, not from now minus the elapsed time last seen: a drain slowed
+    // by a loaded host (a second, once) would shift the window past the storm's start.
     let now_ns = clock_ns(libc::CLOCK_MONOTONIC);
-    out.extend(app.in_progress.iter().map(|p| (now_ns - p.elapsed_ns, now_ns, p.tid)));
+    out.extend(app.in_progress.iter().map(|p| (p.start_ns, now_ns, p.tid)));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::InProgress;
+
+    /// A storm is linked to a stall still going by the iteration's start, however long ago
+    /// the in-progress view was last refreshed.
+    #[test]
+    fn an_in_progress_stall_spans_from_its_start() {
+        let mut app = App::new(1, "x".into(), 10_000_000);
+        let start_ns = clock_ns(libc::CLOCK_MONOTONIC) - 1_500_000_000;
+        app.in_progress = vec![InProgress { tid: 7, comm: "x".into(), start_ns, elapsed_ns: 100_000_000, at: String::new() }];
+        let known = known_stalls(&app, &[], &[]);
+        assert_eq!(known.len(), 1);
+        let (from, to, tid) = known[0];
+        assert_eq!((from, tid), (start_ns, 7));
+        assert!(to >= start_ns + 1_500_000_000);
+    }
 }
