@@ -102,17 +102,17 @@ impl Symbols {
         names.into_iter().flatten().collect()
     }
 
-    /// Names from the target's perf map for addresses in no file: code a JIT generated.
+    /// Names from the target's perf map for addresses in anonymous memory, where a JIT puts
+    /// its code (not the vDSO or the uprobes page, which have names of their own).
     fn jit_names(&mut self, pid: u32, addrs: &[u64], places: &[Place], names: &mut [Option<String>]) {
-        let outside_files = |p: &Place| !matches!(p, Place::File { .. });
-        if !places.iter().any(outside_files) {
+        if !places.iter().any(is_anonymous) {
             return;
         }
         let map = self.perf_maps.entry(pid).or_insert_with(|| PerfMap::new(pid));
         // Code compiled since the last look is appended to the file.
         map.refresh();
         for ((name, place), &addr) in names.iter_mut().zip(places).zip(addrs) {
-            if name.is_none() && outside_files(place) {
+            if name.is_none() && is_anonymous(place) {
                 *name = map.name(addr).map(str::to_string);
             }
         }
@@ -204,6 +204,16 @@ fn place(regions: &[Region], addr: u64) -> Place {
         Place::File { path: path.clone(), basename: map.basename().to_string(), offset: map.offset + into }
     } else {
         Place::Other { name: map.name.clone(), offset: into }
+    }
+}
+
+/// Anonymous memory (named by `prctl(PR_SET_VMA_ANON_NAME)` or not), or a mapping newer than
+/// the snapshot.
+fn is_anonymous(place: &Place) -> bool {
+    match place {
+        Place::Other { name, .. } => name.is_empty() || name.starts_with("[anon:"),
+        Place::Unknown => true,
+        Place::File { .. } => false,
     }
 }
 
